@@ -1,0 +1,151 @@
+"""Convert a Hugging Face or mlx-lm MoE checkpoint to the sharded layout.
+
+Resident weights go through mlx-lm's own sanitize, casting and
+``quantize_model``, so they are exactly what ``mlx_lm.convert`` would write.
+Experts stream one at a time: cast, quantized with ``mx.quantize`` (group-wise,
+so per-expert quantization equals quantizing the stacked tensor), and appended
+to a shard. The output folder appears only when complete.
+"""
+
+import importlib
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_map_with_path
+from tqdm import tqdm
+
+from mlx_lm_odmoe.layout import FORMAT_VERSION
+from mlx_lm_odmoe.models.common import strip_experts
+
+from .atomic import atomic_dir
+from .shard_writer import ExpertShardWriter
+from .sources import open_source, text_config
+
+ODMOE_TYPES = {
+    "qwen2_moe": "qwen2_moe_odmoe",
+    "deepseek_v3": "kimi_k2_odmoe",
+    "kimi_k2": "kimi_k2_odmoe",
+    "kimi_k25": "kimi_k2_odmoe",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+_TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
+                    "*.jinja", "chat_template*", "generation_config.json", "*.tiktoken")
+
+
+def odmoe_config(source_config: dict) -> dict:
+    config = text_config(source_config)
+    base = config.get("model_type")
+    if base not in ODMOE_TYPES:
+        raise ValueError(
+            f"model_type {base!r} is not supported; expected one of {sorted(ODMOE_TYPES)}"
+        )
+    config["model_type"] = ODMOE_TYPES[base]
+    for k in ("quantization_config", "auto_map", "text_config", "vision_config"):
+        config.pop(k, None)
+    return config
+
+
+def build_skeleton(config: dict):
+    """Our model class with no store attached (conversion never opens one)."""
+    module = importlib.import_module(f"mlx_lm_odmoe.models.{config['model_type']}")
+    args = module.ModelArgs.from_dict({**config, "odmoe": {"resolve": False}})
+    return module.Model(args)
+
+
+def _stock_sanitize(model, weights):
+    # The stock parent's sanitize (ours would also open a store).
+    return super(type(model), model).sanitize(strip_experts(weights))
+
+
+def _cast(arrays: dict, dtype, keep=lambda k: True):
+    if dtype is None:
+        return arrays
+    return {
+        k: v.astype(dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in arrays.items()
+    }
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    quantize: bool = False,
+    q_group_size: int = 64,
+    q_bits: int = 4,
+    dtype: Optional[str] = None,
+    shard_size_gb: float = 2.0,
+    force: bool = False,
+    progress: bool = True,
+):
+    src = open_source(hf_path)
+    config = odmoe_config(src.config)
+    if src.quantization and quantize:
+        raise ValueError(f"{hf_path} is already quantized; convert it without -q")
+    if dtype is None:
+        dtype = src.config.get("torch_dtype") or config.get("torch_dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    mx_dtype = getattr(mx, dtype) if dtype else None
+
+    with atomic_dir(Path(mlx_path), force=force) as out:
+        model = build_skeleton(config)
+        keep = getattr(model, "cast_predicate", lambda _: True)
+        weights = _stock_sanitize(model, src.resident_weights())
+        model.load_weights(list(weights.items()), strict=True)
+        if mx_dtype is not None:
+            model.update(tree_map_with_path(
+                lambda k, v: v.astype(mx_dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
+                model.parameters(),
+            ))
+        if quantize:
+            from mlx_lm.utils import quantize_model
+
+            model, config = quantize_model(model, config, q_group_size, q_bits)
+            qparams = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
+        else:
+            qparams = src.quantization
+            if qparams:
+                config["quantization"] = dict(src.config["quantization"])
+
+        from mlx_lm.utils import save_config, save_model
+
+        moe_layers = [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+        save_model(out, model, donate_model=True)
+        del model, weights
+
+        E = config.get("num_experts") or config.get("n_routed_experts")
+
+        def expert(l, e):
+            arrays = _cast(src.expert(l, e), None if qparams and not quantize else mx_dtype)
+            if quantize:
+                q = {}
+                for name, w in arrays.items():
+                    proj = name.rsplit(".", 1)[0]
+                    q[f"{proj}.weight"], q[f"{proj}.scales"], q[f"{proj}.biases"] = mx.quantize(w, q_group_size, q_bits)
+                arrays = q
+            mx.eval(arrays)
+            return arrays
+
+        writer = ExpertShardWriter(out, expert(moe_layers[0], 0), E, moe_layers, qparams, int(shard_size_gb * 1e9))
+        bar = tqdm(total=E * len(moe_layers), desc="experts", unit="expert", disable=not progress)
+        for l in moe_layers:
+            for e in range(E):
+                writer.add(l, e, expert(l, e))
+                bar.update(1)
+        bar.close()
+        layout = writer.finish()
+
+        config["odmoe"] = {"format": FORMAT_VERSION, "expert_bytes": layout.record_nbytes,
+                           "experts_total_bytes": layout.total_nbytes}
+        save_config(config, config_path=out / "config.json")
+        _copy_tokenizer(Path(hf_path), out)
+    return Path(mlx_path)
+
+
+def _copy_tokenizer(src: Path, dst: Path):
+    for pattern in _TOKENIZER_GLOBS:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copy(f, dst / f.name)

@@ -1,0 +1,139 @@
+"""Checkpoints we convert from, all seen through one small interface.
+
+A source exposes its ``config`` (config.json), the resident (non-expert)
+weights as lazy mlx arrays, and one expert at a time as a dict of tensors
+named like ``gate_proj.weight``. Experts are read one by one so memory stays
+bounded by a layer's worth at most.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+
+from mlx_lm_odmoe.layout import PROJECTIONS, LayoutError, read_safetensors_header
+from mlx_lm_odmoe.models.common import is_expert_key
+
+_EXPERT_RE = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
+# DeepSeek-V3 style checkpoints call the projections w1/w2/w3 in some exports.
+_PROJ_ALIASES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{cfg} not found: is {path} a model folder?")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from e
+
+
+def text_config(config: dict) -> dict:
+    """K2.5-style configs nest the language model under text_config."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and "hidden_size" in text:
+        return {**text, "model_type": text.get("model_type", config.get("model_type"))}
+    return dict(config)
+
+
+def _weight_files(path: Path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: malformed index ({e!r})") from e
+        files = [path / n for n in names]
+        for f in files:
+            if f.resolve().parent != path.resolve():
+                raise ValueError(f"{index}: {f.name} points outside {path}")
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is listed in {index.name} but missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weight files")
+    return files
+
+
+class HFSource:
+    """A Hugging Face transformers checkpoint with one tensor per expert."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        self.quantization = None
+        self._files = _weight_files(self.path)
+        self._where: Dict[str, Path] = {}
+        for f in self._files:
+            header, _ = read_safetensors_header(f)
+            for k in header:
+                if k != "__metadata__":
+                    self._where[k] = f
+        self._loaded: Dict[Path, dict] = {}
+        self._experts: Dict[tuple, Dict[str, str]] = {}
+        for k in self._where:
+            m = _EXPERT_RE.match(k)
+            if m:
+                _, l, e, proj, part = m.groups()
+                proj = _PROJ_ALIASES.get(proj, proj)
+                self._experts.setdefault((int(l), int(e)), {})[f"{proj}.{part}"] = k
+
+    def _tensor(self, key: str) -> mx.array:
+        f = self._where[key]
+        if f not in self._loaded:
+            self._loaded[f] = mx.load(str(f))  # lazy per tensor
+        return self._loaded[f][key]
+
+    def resident_weights(self) -> Dict[str, mx.array]:
+        return {k: self._tensor(k) for k in self._where if not is_expert_key(k)}
+
+    def expert(self, layer: int, expert: int) -> Dict[str, mx.array]:
+        keys = self._experts.get((layer, expert))
+        if not keys:
+            raise LayoutError(f"{self.path}: no tensors for layer {layer} expert {expert}")
+        out = {name: self._tensor(k) for name, k in keys.items()}
+        missing = [f"{p}.weight" for p in PROJECTIONS if f"{p}.weight" not in out]
+        if missing:
+            raise LayoutError(f"{self.path}: layer {layer} expert {expert} lacks {missing}")
+        return out
+
+
+class MLXSource:
+    """A stock mlx-lm checkpoint with stacked ``switch_mlp`` experts."""
+
+    def __init__(self, path: Path):
+        from mlx_lm_odmoe.store.readers import StackedCheckpointReader
+
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        tc = text_config(self.config)
+        q = self.config.get("quantization")
+        self.quantization = {k: q[k] for k in ("group_size", "bits", "mode") if k in q} if q else None
+        self.reader = StackedCheckpointReader(self.path, tc["num_hidden_layers"], self.quantization)
+
+    def resident_weights(self):
+        out = {}
+        for f in _weight_files(self.path):
+            out.update({k: v for k, v in mx.load(str(f)).items() if not is_expert_key(k)})
+        return out
+
+    def expert(self, layer, expert):
+        from mlx_lm_odmoe.store.readers import record_to_arrays
+
+        return record_to_arrays(self.reader.read(layer, expert), self.reader.layout)
+
+
+def open_source(path) -> "HFSource | MLXSource":
+    path = Path(path)
+    files = _weight_files(path)
+    for f in files:
+        header, _ = read_safetensors_header(f)
+        if any(".mlp.switch_mlp." in k for k in header):
+            return MLXSource(path)
+        if any(".mlp.experts." in k for k in header):
+            return HFSource(path)
+    raise ValueError(f"{path}: found no routed experts (neither mlp.experts.* nor mlp.switch_mlp.*)")

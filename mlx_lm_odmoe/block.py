@@ -1,0 +1,98 @@
+"""OnDemandSwitchGLU: mlx-lm's SwitchGLU with experts from an ExpertStore.
+
+The router runs as usual and hands its top-k ids to this block. The block
+asks the store for those experts, gets a pool (stacked weights, one slot per
+resident expert) plus each expert's slot, and runs mlx-lm's *own* SwitchGLU
+on the pool with the ids rewritten to slots. Every slot is an exact copy of
+its expert, and the gather kernels compute each (token, expert) row from that
+row's weights alone, so the output is bit-identical to stock mlx-lm.
+
+When more distinct experts are routed in one pass than the store can hold
+(long prompts at small budgets), routes are sorted by expert and run in
+expert-major chunks that each fit, so every expert is read once per layer
+per forward pass.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU
+
+_PARTS = ("weight", "scales", "biases")
+
+
+class OnDemandSwitchGLU(nn.Module):
+    def __init__(self, runtime, layer: int, input_dims: int, hidden_dims: int, num_experts: int):
+        super().__init__()
+        # Plain attributes: the block owns no parameters, so mlx-lm's strict
+        # load_weights sees nothing of the experts.
+        object.__setattr__(self, "_runtime", runtime)
+        object.__setattr__(self, "_kernel", None)
+        self.layer = layer
+        self.dims = (input_dims, hidden_dims, num_experts)
+
+    def _get_kernel(self, store) -> SwitchGLU:
+        if self._kernel is None:
+            D, H, E = self.dims
+            glu = SwitchGLU(D, H, 1)
+            q = store.layout.quantization
+            if q:
+                nn.quantize(glu, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for part in _PARTS:
+                    getattr(glu, proj).pop(part, None)
+            object.__setattr__(self, "_kernel", glu)
+        return self._kernel
+
+    def _run(self, store, pool, x, indices):
+        glu = self._get_kernel(store)
+        for name, arr in pool.items():
+            proj, part = name.split(".")
+            getattr(glu, proj)[part] = arr
+        try:
+            return glu(x, indices)
+        finally:
+            # Drop references so the store can update its pool in place.
+            for name in pool:
+                proj, part = name.split(".")
+                getattr(glu, proj).pop(part, None)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        store = self._runtime.store
+        pool = store.resident_pool(self.layer)
+        if pool is not None:
+            store.telemetry.record_routes_lazy(self.layer, indices)
+            return self._run(store, pool, x, indices)
+
+        ids = np.array(indices)  # the one host sync per layer
+        experts = np.unique(ids)
+        store.telemetry.record_routes(self.layer, ids)
+        if len(experts) <= store.capacity(self.layer):
+            pool, slots = store.fetch(self.layer, experts)
+            remap = np.zeros(store.layout.num_experts, dtype=np.int32)
+            remap[experts] = slots
+            return self._run(store, pool, x, mx.array(remap[ids]))
+        return self._expert_major(store, x, ids, experts)
+
+    def _expert_major(self, store, x, ids, experts):
+        """Run routes in chunks of at most ``capacity`` distinct experts."""
+        k = ids.shape[-1]
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        tokens = x.reshape(-1, x.shape[-1])
+        cap = store.capacity(self.layer)
+        outs = []
+        for start in range(0, len(experts), cap):
+            chunk = experts[start : start + cap]
+            lo, hi = np.searchsorted(flat[order], [chunk[0], chunk[-1] + 1])
+            routes = order[lo:hi]
+            pool, slots = store.fetch(self.layer, chunk)
+            remap = np.zeros(store.layout.num_experts, dtype=np.int32)
+            remap[chunk] = slots
+            xs = tokens[mx.array(routes // k)]
+            y = self._run(store, pool, xs, mx.array(remap[flat[routes]])[:, None])
+            y = y.squeeze(-2)
+            mx.eval(y)  # the next chunk may overwrite these slots
+            outs.append(y)
+        y = mx.concatenate(outs, axis=0)[mx.array(np.argsort(order, kind="stable"))]
+        return y.reshape(*ids.shape, -1)

@@ -1,0 +1,41 @@
+"""What both odmoe model types share: swapping blocks and dropping experts."""
+
+from ..block import OnDemandSwitchGLU
+from ..runtime import ExpertRuntime
+
+_NON_TEXT_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector")
+
+
+def is_expert_key(key: str) -> bool:
+    return ".mlp.experts." in key or ".mlp.switch_mlp." in key
+
+
+def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
+    """Give every MoE layer an on-demand block sharing one runtime."""
+    runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers)
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        if "switch_mlp" in mlp:
+            mlp.switch_mlp = OnDemandSwitchGLU(
+                runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
+            )
+    return runtime
+
+
+def strip_experts(weights: dict) -> dict:
+    """Drop routed experts (they live in the store) and non-text towers."""
+    out = {}
+    for k, v in weights.items():
+        if k.startswith("language_model."):
+            k = k[len("language_model.") :]
+        if k.startswith(_NON_TEXT_PREFIXES) or is_expert_key(k):
+            continue
+        out[k] = v
+    return out
+
+
+def open_at_load(runtime: ExpertRuntime):
+    # mlx-lm calls sanitize inside load_model: opening here makes a bad budget
+    # or a broken expert folder fail at load, not mid-generation.
+    if runtime.model_dir is not None:
+        runtime.open()

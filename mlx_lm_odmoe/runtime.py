@@ -1,0 +1,106 @@
+"""The per-model expert runtime: finds the model folder, opens the store.
+
+mlx-lm never passes the model folder to ``Model(args)``. We find it, in order:
+``odmoe.model_path`` in the config (``mlx_lm_odmoe.load`` sets it), the
+``MLX_LM_ODMOE_MODEL_PATH`` environment variable, then the ``model_path``
+argument of mlx-lm's ``load_model`` on the call stack (checked to hold a
+config.json). The store is opened when mlx-lm sanitizes the weights (so a
+bad budget fails at load) or, failing that, on the first forward pass.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .budget import resolve_budget, slots_for_budget
+
+PATH_ENV_VAR = "MLX_LM_ODMOE_MODEL_PATH"
+
+
+def find_model_dir(settings: dict) -> Optional[Path]:
+    if settings.get("resolve") is False:
+        return None
+    for candidate in (settings.get("model_path"), os.environ.get(PATH_ENV_VAR)):
+        if candidate:
+            return Path(candidate)
+    frame = sys._getframe(1)
+    while frame is not None:
+        p = frame.f_locals.get("model_path")
+        if isinstance(p, (str, Path)) and (Path(p) / "config.json").is_file():
+            return Path(p)
+        frame = frame.f_back
+    return None
+
+
+class ExpertRuntime:
+    """Owns the expert store of one model; blocks reach it lazily."""
+
+    def __init__(self, settings: Optional[dict], top_k: int, num_layers: int):
+        self.settings = dict(settings or {})
+        self.top_k = top_k
+        self.num_layers = num_layers
+        self.model_dir = find_model_dir(self.settings)
+        self._store = None
+
+    @property
+    def store(self):
+        if self._store is None:
+            self.open()
+        return self._store
+
+    def attach(self, store):
+        """Use an already built store (tests, custom setups)."""
+        self._store = store
+        return store
+
+    def open(self):
+        if self._store is not None:
+            return self._store
+        if self.model_dir is None:
+            raise RuntimeError(
+                "odmoe: cannot tell which folder this model was loaded from. Load it "
+                "with mlx_lm.load()/mlx_lm_odmoe.load(), or set "
+                f"${PATH_ENV_VAR} or config.json's odmoe.model_path."
+            )
+        from .store import CachedStore, ShardedFolderReader, StackedCheckpointReader
+
+        source = self.settings.get("source", "sharded")
+        if source == "sharded":
+            reader = ShardedFolderReader(self.model_dir)
+        elif source == "mlx":
+            reader = StackedCheckpointReader(
+                Path(self.settings.get("checkpoint", self.model_dir)),
+                self.num_layers,
+                self.settings.get("quantization"),
+            )
+        else:
+            raise ValueError(f"{self.model_dir / 'config.json'}: unknown odmoe.source {source!r} (use 'sharded' or 'mlx')")
+        layout = reader.layout
+        budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
+        slots = slots_for_budget(budget, layout.record_nbytes, len(layout.moe_layers), layout.num_experts, self.top_k)
+        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)))
+        self.budget = budget
+        if store.identity and self.settings.get("preload", True):
+            store.warm()
+        self._store = store
+        return store
+
+    def stats(self) -> dict:
+        store = self.store
+        snap = store.telemetry.snapshot()
+        snap.update(
+            budget_bytes=getattr(self, "budget", None),
+            resident_bytes=store.resident_nbytes(),
+            slots_per_layer=store.capacity(store.layout.moe_layers[0]),
+            num_experts=store.layout.num_experts,
+            expert_nbytes=store.layout.record_nbytes,
+        )
+        return snap
+
+
+def runtime_of(model) -> ExpertRuntime:
+    rt = getattr(model, "expert_runtime", None)
+    if rt is None:
+        raise TypeError("not an odmoe model (no expert_runtime)")
+    return rt

@@ -1,0 +1,22 @@
+"""Expert stores: where an on-demand block gets its experts' weights.
+
+See :class:`ExpertStore` for the interface. Data flows one way:
+block -> store -> reader; a predictor may call :meth:`ExpertStore.prefetch`.
+"""
+
+from .base import ExpertStore
+from .cached import CachedStore
+from .memory import MemoryStore
+from .policy import CachePolicy, LRUPolicy
+from .readers import ExpertReader, ShardedFolderReader, StackedCheckpointReader
+
+__all__ = [
+    "ExpertStore",
+    "CachedStore",
+    "MemoryStore",
+    "CachePolicy",
+    "LRUPolicy",
+    "ExpertReader",
+    "ShardedFolderReader",
+    "StackedCheckpointReader",
+]

@@ -1,0 +1,155 @@
+"""A byte-budgeted expert cache over a reader."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional
+
+import mlx.core as mx
+import numpy as np
+
+from ..layout import ExpertLayout
+from ..telemetry import Telemetry
+from .base import ExpertStore, Pool
+from .policy import CachePolicy, LRUPolicy
+from .readers import ExpertReader, record_to_arrays
+
+
+class _LayerSlots:
+    """One layer's pool and which expert sits in which slot."""
+
+    def __init__(self, layout: ExpertLayout, slots: int):
+        self.pool: Pool = {
+            t.name: mx.zeros((slots,) + t.shape, dtype=_mx_dtype(t.dtype)) for t in layout.tensors
+        }
+        mx.eval(self.pool)
+        self.expert_slot = np.full(layout.num_experts, -1, dtype=np.int64)
+        self.slot_expert = np.full(slots, -1, dtype=np.int64)
+        self.free = list(range(slots - 1, -1, -1))
+
+
+def _mx_dtype(st_dtype: str):
+    from ..layout import DTYPES
+
+    return getattr(mx, DTYPES[st_dtype][1])
+
+
+class CachedStore(ExpertStore):
+    """Keeps up to ``slots_per_layer`` experts of each MoE layer resident.
+
+    Misses are read by a thread pool of positional reads and copied into a
+    victim slot chosen by ``policy`` (LRU by default). When a layer has a slot
+    for every expert, expert ``e`` always sits in slot ``e`` and, once all are
+    resident, the block takes the no-sync fast path.
+    """
+
+    def __init__(
+        self,
+        reader: ExpertReader,
+        slots_per_layer: int,
+        policy: Optional[CachePolicy] = None,
+        threads: int = 4,
+        telemetry: Optional[Telemetry] = None,
+    ):
+        self.reader = reader
+        self.layout = reader.layout
+        self.slots = min(int(slots_per_layer), self.layout.num_experts)
+        if self.slots < 1:
+            raise ValueError("an expert cache needs at least one slot per layer")
+        self.identity = self.slots == self.layout.num_experts
+        self.policy = policy or LRUPolicy()
+        self.telemetry = telemetry or Telemetry(self.layout.moe_layers, self.layout.num_experts)
+        self._layers: Dict[int, _LayerSlots] = {}
+        self._complete = set()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="odmoe-read")
+
+    # -- interface ---------------------------------------------------------
+    def capacity(self, layer):
+        return self.slots
+
+    def resident_pool(self, layer):
+        return self._layers[layer].pool if layer in self._complete else None
+
+    def fetch(self, layer, experts):
+        st = self._layer(layer)
+        slots = st.expert_slot[experts]
+        missing = experts[slots < 0]
+        for e in experts[slots >= 0]:
+            self.policy.touch(layer, int(e))
+        latencies = ()
+        if len(missing):
+            latencies = self._load(layer, st, missing, protected=experts)
+            slots = st.expert_slot[experts]
+        self.telemetry.record_fetch(
+            layer,
+            len(experts) - len(missing),
+            len(missing),
+            len(missing) * self.layout.record_nbytes,
+            latencies,
+        )
+        return st.pool, slots
+
+    def warm(self, layers=None, progress=None):
+        """Read every expert of ``layers`` (all MoE layers by default)."""
+        for l in layers or self.layout.moe_layers:
+            want = np.arange(min(self.slots, self.layout.num_experts))
+            st = self._layer(l)
+            missing = want[st.expert_slot[want] < 0]
+            if len(missing):
+                lat = self._load(l, st, missing, protected=want)
+                self.telemetry.record_fetch(l, 0, len(missing), len(missing) * self.layout.record_nbytes, lat)
+            if progress is not None:
+                progress.update(1)
+
+    def resident_nbytes(self):
+        return sum(a.nbytes for st in self._layers.values() for a in st.pool.values())
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+        self.reader.close()
+
+    # -- internals ---------------------------------------------------------
+    def _layer(self, layer) -> _LayerSlots:
+        st = self._layers.get(layer)
+        if st is None:
+            st = self._layers[layer] = _LayerSlots(self.layout, self.slots)
+        return st
+
+    def _timed_read(self, layer, expert):
+        t0 = time.perf_counter()
+        buf = self.reader.read(layer, expert)
+        return buf, time.perf_counter() - t0
+
+    def _claim_slot(self, layer, st: _LayerSlots, expert: int, protected) -> int:
+        if self.identity:
+            return expert
+        if st.free:
+            slot = st.free.pop()
+        else:
+            victim = self.policy.victim(layer, protected)
+            self.policy.remove(layer, victim)
+            slot = int(st.expert_slot[victim])
+            st.expert_slot[victim] = -1
+            self.telemetry.record_evictions(1)
+        st.expert_slot[expert] = slot
+        st.slot_expert[slot] = expert
+        self.policy.insert(layer, expert)
+        return slot
+
+    def _load(self, layer, st: _LayerSlots, missing: np.ndarray, protected) -> list:
+        futures = [(int(e), self._pool.submit(self._timed_read, layer, int(e))) for e in missing]
+        protected = [int(e) for e in protected]
+        latencies = []
+        for e, fut in futures:
+            buf, dt = fut.result()
+            latencies.append(dt)
+            slot = self._claim_slot(layer, st, e, protected)
+            for name, a in record_to_arrays(buf, self.layout).items():
+                # In place: the pool is donated to the update.
+                st.pool[name][slot] = a
+            if self.identity:
+                st.expert_slot[e] = e
+                st.slot_expert[e] = e
+        mx.eval(st.pool)
+        if self.identity and (st.expert_slot >= 0).all():
+            self._complete.add(layer)
+        return latencies

@@ -1,0 +1,176 @@
+"""Random-weight checkpoints with real architectures, for tests and benchmarks.
+
+Shapes and names come from mlx-lm's own model classes; the checkpoint is
+written the way Hugging Face transformers lays it out (one tensor per expert,
+DeepSeek's fused ``kv_b_proj``) with the ``safetensors`` library, so the
+converters and stock mlx-lm read it like any downloaded model.
+"""
+
+import importlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+TINY_QWEN2_MOE = {
+    "architectures": ["Qwen2MoeForCausalLM"],
+    "model_type": "qwen2_moe",
+    "hidden_size": 128,
+    "num_hidden_layers": 3,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 128,
+    "norm_topk_prob": False,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 384,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "float32",
+}
+
+TINY_KIMI = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "kimi_k2",
+    "hidden_size": 128,
+    "num_hidden_layers": 3,
+    "intermediate_size": 256,
+    "moe_intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "n_shared_experts": 1,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "routed_scaling_factor": 2.827,
+    "kv_lora_rank": 64,
+    "q_lora_rank": 96,
+    "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 50000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "vocab_size": 384,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+def _stock_parameters(config: dict, seed: int):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def hf_weights(config: dict, seed: int = 0) -> dict:
+    """HF-named float32 numpy tensors for ``config`` (random, seeded)."""
+    rng = np.random.default_rng(seed)
+    params = _stock_parameters(config, seed)
+    out = {}
+    for k, v in params.items():
+        if k.endswith("norm.weight"):
+            v = (1.0 + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        elif k.endswith("mlp.gate.weight"):
+            v = rng.standard_normal(v.shape).astype(np.float32)  # sharp, varied routing
+        elif k.endswith("e_score_correction_bias"):
+            v = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        if ".switch_mlp." in k:
+            prefix, rest = k.split(".switch_mlp.")
+            for e in range(v.shape[0]):
+                out[f"{prefix}.experts.{e}.{rest}"] = np.ascontiguousarray(v[e])
+        elif k.endswith("self_attn.embed_q.weight"):
+            continue
+        elif k.endswith("self_attn.unembed_out.weight"):
+            base = k[: -len("unembed_out.weight")]
+            wk = params[base + "embed_q.weight"].swapaxes(-1, -2)  # [H, nope, r]
+            kv_b = np.concatenate([wk, v], axis=1)  # [H, nope + v, r]
+            out[base + "kv_b_proj.weight"] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))
+        else:
+            out[k] = np.ascontiguousarray(v)
+    return out
+
+
+def write_tokenizer(out_dir: Path, vocab_size: int = 320):
+    """A small byte-level BPE tokenizer that mlx-lm and transformers load."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = [json.dumps(TINY_QWEN2_MOE), json.dumps(TINY_KIMI), "def hello(world):\n    return world * 2\n"] * 20
+    tok.train_from_iterator(text, trainer)
+    out_dir = Path(out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|endoftext|>",
+        "bos_token": None,
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 2048,
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+    }))
+
+
+def write_hf_checkpoint(out_dir, config: dict, seed: int = 0, shards: int = 1,
+                        dtype: str = "float32", weights: Optional[dict] = None) -> Path:
+    """Write config.json, tokenizer and safetensors weights (``shards`` files
+    with a ``model.safetensors.index.json`` when more than one)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = weights if weights is not None else hf_weights(config, seed)
+    if dtype == "float16":
+        weights = {k: v.astype(np.float16) for k, v in weights.items()}
+    elif dtype == "bfloat16":
+        weights = {k: _to_bf16(v) for k, v in weights.items()}
+    keys = sorted(weights)
+    if shards == 1:
+        save_file({k: weights[k] for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[i::shards]
+            save_file({k: weights[k] for k in part}, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = dict(config, torch_dtype=dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_tokenizer(out)
+    return out
+
+
+def _to_bf16(v: np.ndarray):
+    """float32 -> bfloat16 bits (round to nearest even), as ml_dtypes would."""
+    try:
+        import ml_dtypes
+
+        return v.astype(ml_dtypes.bfloat16)
+    except ImportError:
+        raise RuntimeError("writing bfloat16 checkpoints needs the ml_dtypes package")

@@ -1,0 +1,124 @@
+"""Counters the on-demand block and the expert stores update.
+
+All counters are plain Python/numpy so reading them never touches the model's
+graph. Route counts seen on the no-sync fast path are parked as (already
+evaluated) index arrays and folded in lazily, so that path stays sync-free.
+"""
+
+import threading
+import time
+from collections import deque
+from typing import Dict, List
+
+import numpy as np
+
+# Fetch latency histogram bucket edges, in microseconds (log2 spaced).
+LATENCY_EDGES_US = [2**i for i in range(4, 25)]
+
+
+class Telemetry:
+    def __init__(self, moe_layers: List[int], num_experts: int):
+        self.moe_layers = list(moe_layers)
+        self.num_experts = num_experts
+        self._row = {l: i for i, l in enumerate(self.moe_layers)}
+        self._lock = threading.Lock()
+        self._pending = []
+        self.reset()
+
+    def reset(self):
+        with self._lock:
+            n = len(self.moe_layers)
+            self.expert_use = np.zeros((n, self.num_experts), dtype=np.int64)
+            self.layer_hits = np.zeros(n, dtype=np.int64)
+            self.layer_misses = np.zeros(n, dtype=np.int64)
+            self.bytes_read = 0
+            self.evictions = 0
+            self.forward_calls = 0
+            self.latencies_s = deque(maxlen=1 << 16)
+            self.latency_hist = np.zeros(len(LATENCY_EDGES_US) + 1, dtype=np.int64)
+            self._pending.clear()
+            self.started = time.time()
+
+    # -- updates -----------------------------------------------------------
+    def record_routes(self, layer: int, ids: np.ndarray, hits: int = None):
+        """Routes of one forward pass of one layer (host ids)."""
+        row = self._row[layer]
+        counts = np.bincount(ids.reshape(-1), minlength=self.num_experts)
+        with self._lock:
+            self.expert_use[row] += counts
+            self.forward_calls += 1
+            if hits is not None:
+                self.layer_hits[row] += hits
+
+    def record_routes_lazy(self, layer: int, indices):
+        """Routes served from a fully resident layer: every expert is a hit."""
+        self._pending.append((layer, indices))
+        if len(self._pending) > 512:
+            self._drain(keep=8)
+
+    def _drain(self, keep: int = 0):
+        # Entries older than the newest few were evaluated by later tokens,
+        # so converting them costs a copy, not a sync.
+        todo = self._pending[: len(self._pending) - keep]
+        del self._pending[: len(todo)]
+        for layer, idx in todo:
+            ids = np.array(idx)
+            self.record_routes(layer, ids, hits=len(np.unique(ids)))
+
+    def record_fetch(self, layer: int, hits: int, misses: int, nbytes: int, latencies):
+        row = self._row[layer]
+        with self._lock:
+            self.layer_hits[row] += hits
+            self.layer_misses[row] += misses
+            self.bytes_read += nbytes
+            for dt in latencies:
+                self.latencies_s.append(dt)
+                us = dt * 1e6
+                self.latency_hist[np.searchsorted(LATENCY_EDGES_US, us)] += 1
+
+    def record_evictions(self, n: int):
+        with self._lock:
+            self.evictions += n
+
+    # -- reading -----------------------------------------------------------
+    def snapshot(self) -> Dict:
+        self._drain()
+        with self._lock:
+            hits, misses = int(self.layer_hits.sum()), int(self.layer_misses.sum())
+            lat = np.array(self.latencies_s) if self.latencies_s else None
+            use = self.expert_use.copy()
+            per_layer = {}
+            for l, row in self._row.items():
+                h, m = int(self.layer_hits[row]), int(self.layer_misses[row])
+                per_layer[l] = {
+                    "hits": h,
+                    "misses": m,
+                    "hit_rate": h / (h + m) if h + m else None,
+                    "load_balance": load_balance_coefficient(use[row]),
+                }
+            return {
+                "hits": hits,
+                "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "bytes_read": int(self.bytes_read),
+                "evictions": int(self.evictions),
+                "fetch_latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat is not None else None,
+                "fetch_latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat is not None else None,
+                "fetch_latency_histogram_us": {
+                    "edges": LATENCY_EDGES_US,
+                    "counts": self.latency_hist.tolist(),
+                },
+                "load_balance": load_balance_coefficient(use.sum(0)),
+                "per_layer": per_layer,
+                "expert_use": {l: use[row].tolist() for l, row in self._row.items()},
+            }
+
+
+def load_balance_coefficient(counts: np.ndarray):
+    """E * sum(f_i^2) of the routing fractions: 1.0 is perfectly even,
+    E means every route went to one expert."""
+    total = counts.sum()
+    if total == 0:
+        return None
+    f = counts / total
+    return float(len(counts) * (f * f).sum())
