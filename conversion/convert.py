@@ -93,6 +93,8 @@ def convert(
         model = build_skeleton(config)
         keep = getattr(model, "cast_predicate", lambda _: True)
         weights = _stock_sanitize(model, src.resident_weights())
+        if src.quantization:
+            _quantize_like_source(model, src.config["quantization"], weights)
         model.load_weights(list(weights.items()), strict=True)
         if mx_dtype is not None:
             model.update(tree_map_with_path(
@@ -142,6 +144,28 @@ def convert(
         save_config(config, config_path=out / "config.json")
         _copy_tokenizer(Path(hf_path), out)
     return Path(mlx_path)
+
+
+def _quantize_like_source(model, quantization: dict, weights: dict):
+    """Quantize the skeleton's modules the way mlx-lm's load_model does for
+    a quantized checkpoint, so its weights load as they are."""
+    import mlx.nn as nn
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
 def _copy_tokenizer(src: Path, dst: Path):

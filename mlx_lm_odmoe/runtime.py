@@ -80,7 +80,7 @@ class ExpertRuntime:
         budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
         slots = slots_for_budget(budget, layout.record_nbytes, len(layout.moe_layers), layout.num_experts, self.top_k)
         store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)))
-        self.budget = budget
+        self.budget = slots * layout.record_nbytes * len(layout.moe_layers)
         if store.identity and self.settings.get("preload", True):
             store.warm()
         self._store = store
