@@ -139,26 +139,21 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 320):
 def write_hf_checkpoint(out_dir, config: dict, seed: int = 0, shards: int = 1,
                         dtype: str = "float32", weights: Optional[dict] = None) -> Path:
     """Write config.json, tokenizer and safetensors weights (``shards`` files
-    with a ``model.safetensors.index.json`` when more than one)."""
-    from safetensors.numpy import save_file
-
+    with a ``model.safetensors.index.json`` when more than one). float32 and
+    float16 go through the ``safetensors`` library; bfloat16, which numpy
+    lacks, through MLX's safetensors writer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = weights if weights is not None else hf_weights(config, seed)
-    if dtype == "float16":
-        weights = {k: v.astype(np.float16) for k, v in weights.items()}
-    elif dtype == "bfloat16":
-        weights = {k: _to_bf16(v) for k, v in weights.items()}
     keys = sorted(weights)
-    if shards == 1:
-        save_file({k: weights[k] for k in keys}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i in range(shards):
-            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = keys[i::shards]
-            save_file({k: weights[k] for k in part}, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in part})
+    parts = [keys[i::shards] for i in range(shards)]
+    names = ["model.safetensors"] if shards == 1 else [
+        f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)
+    ]
+    for name, part in zip(names, parts):
+        _save({k: weights[k] for k in part}, out / name, dtype)
+    if shards > 1:
+        weight_map = {k: name for name, part in zip(names, parts) for k in part}
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg = dict(config, torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -166,11 +161,14 @@ def write_hf_checkpoint(out_dir, config: dict, seed: int = 0, shards: int = 1,
     return out
 
 
-def _to_bf16(v: np.ndarray):
-    """float32 -> bfloat16 bits (round to nearest even), as ml_dtypes would."""
-    try:
-        import ml_dtypes
+def _save(tensors: dict, path: Path, dtype: str):
+    if dtype == "bfloat16":
+        import mlx.core as mx
 
-        return v.astype(ml_dtypes.bfloat16)
-    except ImportError:
-        raise RuntimeError("writing bfloat16 checkpoints needs the ml_dtypes package")
+        mx.save_safetensors(str(path), {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()},
+                            metadata={"format": "pt"})
+        return
+    from safetensors.numpy import save_file
+
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    save_file({k: v.astype(np_dtype) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})

@@ -126,7 +126,7 @@ PRESETS = {
             "torch_dtype": "float32",
         },
         "aux_loss_coef": 0.001,
-        "bias_update_rate": 1e-3,
+        "bias_update_rate": 5e-3,
     },
 }
 

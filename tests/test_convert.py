@@ -1,0 +1,87 @@
+"""Converters: HF and mlx-lm checkpoints in, the sharded layout out."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx_lm
+import pytest
+
+import mlx_lm_odmoe
+from conversion.convert import convert
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
+from mlx_lm_odmoe.models import kimi_k2_odmoe
+from mlx_lm_odmoe.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, write_hf_checkpoint
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("source_dtype", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_convert_like_mlx_lm_convert(tmp_path, source_dtype):
+    """--dtype float32 of a f16/bf16 checkpoint equals mlx_lm.convert's."""
+    from mlx_lm.convert import convert as stock_convert
+
+    hf = write_hf_checkpoint(tmp_path / "hf", TINY_QWEN2_MOE, seed=2, dtype=source_dtype)
+    stock_convert(str(hf), str(tmp_path / "stock"), dtype="float32")
+    convert(hf, tmp_path / "od", dtype="float32", progress=False)
+    stock, _ = mlx_lm.load(str(tmp_path / "stock"))
+    model, _ = mlx_lm_odmoe.load(tmp_path / "od", expert_cache="50%")
+    prompt = prompt_tokens(20)
+    assert max_abs_diff(prefill_and_decode(stock, prompt), prefill_and_decode(model, prompt)) == 0.0
+
+
+def test_kimi_k25_checkpoint_with_nested_text_config(tmp_path):
+    """K2.5 nests the language model (config text_config, weights under
+    language_model.); it converts to a flat kimi_k2_odmoe folder."""
+    hf = tmp_path / "hf"
+    weights = {f"language_model.{k}": v for k, v in hf_weights(TINY_KIMI, seed=3).items()}
+    config = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+              "text_config": TINY_KIMI}
+    write_hf_checkpoint(hf, config, weights=weights)
+    convert(hf, tmp_path / "od", progress=False)
+    flat = write_hf_checkpoint(tmp_path / "flat", TINY_KIMI, seed=3)
+    stock, _ = mlx_lm.load(str(flat))
+    model, _ = mlx_lm_odmoe.load(tmp_path / "od", expert_cache="min")
+    prompt = prompt_tokens(12)
+    assert max_abs_diff(prefill_and_decode(stock, prompt), prefill_and_decode(model, prompt)) == 0.0
+
+
+@pytest.mark.parametrize("name", ["kimi-k2.5.config.json"])
+def test_real_kimi_configs_are_accepted(name):
+    config = json.loads((DATA / name).read_text())
+    config["model_type"] = "kimi_k2_odmoe"
+    args = kimi_k2_odmoe.ModelArgs.from_dict(config)
+    assert (args.n_routed_experts, args.num_experts_per_tok, args.first_k_dense_replace) == (384, 8, 1)
+    assert args.routed_scaling_factor == 2.827 and args.kv_lora_rank == 512
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path):
+    hf = write_hf_checkpoint(tmp_path / "hf", TINY_QWEN2_MOE, seed=4)
+    weights = hf_weights(TINY_QWEN2_MOE, seed=4)
+    del weights["model.layers.2.mlp.experts.5.down_proj.weight"]
+    write_hf_checkpoint(tmp_path / "broken", TINY_QWEN2_MOE, weights=weights)
+    with pytest.raises(ValueError, match="layer 2 expert 5"):
+        convert(tmp_path / "broken", tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "hf"]
+
+
+def test_refuses_to_overwrite_and_rejects_dense_models(tmp_path):
+    hf = write_hf_checkpoint(tmp_path / "hf", TINY_QWEN2_MOE, seed=5)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert(hf, tmp_path / "out", progress=False)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (hf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'llama' is not supported"):
+        convert(hf, tmp_path / "out2", progress=False)
+
+
+def test_cli_help_and_errors(tmp_path):
+    exe = [sys.executable, "-m", "conversion.cli"]
+    help_text = subprocess.run(exe + ["--help"], capture_output=True, text=True).stdout
+    assert "--q-bits" in help_text and "--dtype" in help_text and "--hf-path" in help_text
+    proc = subprocess.run(exe + ["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope" in proc.stderr and not (tmp_path / "o").exists()

@@ -1,0 +1,118 @@
+"""Expert stores: the cache, its policy, its counters, and the on-disk readers."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import mlx_lm_odmoe
+from mlx_lm_odmoe.budget import BudgetError, parse_budget, slots_for_budget
+from mlx_lm_odmoe.layout import LayoutError
+from mlx_lm_odmoe.store import CachedStore, LRUPolicy, ShardedFolderReader, StackedCheckpointReader
+from mlx_lm_odmoe.store.readers import record_to_arrays
+
+
+def test_shards_are_real_safetensors_with_each_expert_contiguous(models):
+    folder = models("qwen2_moe", "odmoe_q4")
+    reader = ShardedFolderReader(folder)
+    layout = reader.layout
+    shard = folder / "experts" / layout.shards[0]["file"]
+    with safe_open(str(shard), framework="numpy") as f:
+        for name, a in record_to_arrays(reader.read(1, 3), layout).items():
+            want = f.get_tensor(f"model.layers.1.mlp.experts.3.{name}")
+            assert np.array_equal(np.array(a), want)
+    offsets = [t.offset for t in layout.tensors]
+    assert offsets == sorted(offsets) and layout.tensors[-1].offset + layout.tensors[-1].nbytes == layout.record_nbytes
+
+
+def test_in_place_reader_slices_stacked_experts(models):
+    folder = models("kimi_k2", "stock_q4")
+    reader = StackedCheckpointReader(folder, num_layers=3, quantization={"group_size": 64, "bits": 4})
+    assert reader.layout.moe_layers == [1, 2]  # the first layer is dense
+    weights = mx.load(str(folder / "model.safetensors"))
+    got = record_to_arrays(reader.read(2, 5), reader.layout)
+    for name, a in got.items():
+        assert mx.array_equal(a, weights[f"model.layers.2.mlp.switch_mlp.{name}"][5]).item()
+
+
+def test_lru_evicts_the_least_recently_used_expert(models):
+    store = CachedStore(ShardedFolderReader(models("qwen2_moe", "odmoe")), slots_per_layer=3)
+    for experts in ([0, 1], [2], [0], [3]):  # 3 must evict 1 (0 was reused)
+        store.fetch(0, np.array(experts))
+    st = store._layers[0]
+    assert st.expert_slot[1] == -1 and all(st.expert_slot[e] >= 0 for e in (0, 2, 3))
+    s = store.telemetry.snapshot()
+    assert (s["hits"], s["misses"], s["evictions"]) == (1, 4, 1)
+    assert s["bytes_read"] == 4 * store.layout.record_nbytes
+    assert s["fetch_latency_p50_ms"] is not None and s["fetch_latency_p99_ms"] >= s["fetch_latency_p50_ms"]
+
+
+def test_the_current_pass_is_never_evicted():
+    p = LRUPolicy()
+    for e in (0, 1, 2):
+        p.insert(0, e)
+    assert p.victim(0, protected={0, 1}) == 2
+
+
+def test_budget_parsing():
+    total = 1000
+    assert parse_budget("25%", total) == 250
+    assert parse_budget("2GB", total) == 2 * 10**9
+    assert parse_budget("1MiB", total) == 2**20
+    assert parse_budget(123, total) == 123
+    with pytest.raises(BudgetError, match="cannot read"):
+        parse_budget("lots", total)
+
+
+def test_too_small_budget_is_a_clear_error_at_load(models):
+    with pytest.raises(BudgetError, match="too small.*at least"):
+        mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="10KB")
+    with pytest.raises(BudgetError):
+        slots_for_budget(10, record_nbytes=100, num_layers=2, num_experts=8, top_k=2)
+
+
+def test_environment_variable_sets_the_budget(models, monkeypatch):
+    monkeypatch.setenv("MLX_LM_ODMOE_EXPERT_CACHE", "min")
+    model, _ = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"))
+    assert mlx_lm_odmoe.stats(model)["slots_per_layer"] == 2
+    model, _ = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="50%")
+    assert mlx_lm_odmoe.stats(model)["slots_per_layer"] == 4  # the API wins
+
+
+def test_stats_count_use_per_layer_and_expert(models):
+    import mlx_lm
+
+    model, tok = mlx_lm_odmoe.load(models("kimi_k2", "odmoe"), expert_cache="50%")
+    mlx_lm.generate(model, tok, prompt="def hello", max_tokens=4)
+    s = mlx_lm_odmoe.stats(model)
+    assert set(s["per_layer"]) == {1, 2}
+    assert sum(s["expert_use"][1]) > 0 and s["load_balance"] >= 1.0
+    assert s["resident_bytes"] <= s["budget_bytes"]
+    json.dumps(s)  # plain data
+
+
+def test_truncated_shard_is_named_at_load(models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(models("qwen2_moe", "odmoe"), folder)
+    shard = next((folder / "experts").glob("experts-*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(LayoutError, match=shard.name):
+        mlx_lm_odmoe.load(folder)
+
+
+def test_index_pointing_outside_the_folder_is_refused(models, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(models("qwen2_moe", "odmoe"), folder)
+    index = folder / "experts" / "index.json"
+    data = json.loads(index.read_text())
+    data["shards"][0]["file"] = "../../etc/passwd"
+    index.write_text(json.dumps(data))
+    with pytest.raises(LayoutError, match="outside"):
+        mlx_lm_odmoe.load(folder)
