@@ -96,7 +96,8 @@ class CachedStore(ExpertStore):
             missing = want[st.expert_slot[want] < 0]
             if len(missing):
                 lat = self._load(l, st, missing, protected=want)
-                self.telemetry.record_fetch(l, 0, len(missing), len(missing) * self.layout.record_nbytes, lat)
+                # Preloading is not demand: count the bytes, not misses.
+                self.telemetry.record_fetch(l, 0, 0, len(missing) * self.layout.record_nbytes, lat)
             if progress is not None:
                 progress.update(1)
 
