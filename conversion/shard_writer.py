@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -92,14 +93,16 @@ class ExpertShardWriter:
             raise ValueError(f"experts must be written in order: expected {want}, got {(layer, expert)}")
         if self._left == 0:
             self._open_next_shard()
-        self.layout.locations.setdefault(layer, []).append((self._shard, self._pos))
+        start, crc = self._pos, 0
         for t in self.layout.tensors:
             a = arrays[t.name]
             if tuple(a.shape) != t.shape or MLX_TO_ST[str(a.dtype).split(".")[-1]] != t.dtype:
                 raise ValueError(f"layer {layer} expert {expert}: {t.name} is {a.dtype}{tuple(a.shape)}, expected {t.dtype}{t.shape}")
             b = to_bytes(a)
             self._write(b)
+            crc = zlib.crc32(b, crc)
             self._pos += len(b)
+        self.layout.locations.setdefault(layer, []).append((self._shard, start, crc))
         self._left -= 1
 
     def finish(self) -> ExpertLayout:

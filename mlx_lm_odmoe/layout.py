@@ -81,9 +81,9 @@ class ExpertLayout:
     tensors: List[TensorSpec]
     quantization: Optional[dict] = None  # {"group_size", "bits", "mode"} or None
     # Filled for folders on disk: shard file names and, per layer, the
-    # (shard index, byte offset) of each expert's record.
+    # (shard index, byte offset, crc32 of the record) of each expert.
     shards: List[dict] = field(default_factory=list)
-    locations: Dict[int, List[Tuple[int, int]]] = field(default_factory=dict)
+    locations: Dict[int, List[Tuple[int, int, int]]] = field(default_factory=dict)
 
     @property
     def record_nbytes(self) -> int:
@@ -126,7 +126,7 @@ class ExpertLayout:
                 quantization=data.get("quantization"),
                 shards=list(data.get("shards", [])),
                 locations={
-                    int(l): [(int(s), int(o)) for s, o in v]
+                    int(l): [(int(s), int(o), int(c)) for s, o, c in v]
                     for l, v in data.get("experts", {}).items()
                 },
             )

@@ -36,10 +36,11 @@ def find_model_dir(settings: dict) -> Optional[Path]:
 class ExpertRuntime:
     """Owns the expert store of one model; blocks reach it lazily."""
 
-    def __init__(self, settings: Optional[dict], top_k: int, num_layers: int):
+    def __init__(self, settings: Optional[dict], top_k: int, num_layers: int, expected: Optional[dict] = None):
         self.settings = dict(settings or {})
         self.top_k = top_k
         self.num_layers = num_layers
+        self.expected = expected
         self.model_dir = find_model_dir(self.settings)
         self._store = None
 
@@ -77,6 +78,8 @@ class ExpertRuntime:
         else:
             raise ValueError(f"{self.model_dir / 'config.json'}: unknown odmoe.source {source!r} (use 'sharded' or 'mlx')")
         layout = reader.layout
+        if self.expected:
+            check_layout(layout, self.expected, getattr(reader, "index_path", self.model_dir))
         budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
         slots = slots_for_budget(budget, layout.record_nbytes, len(layout.moe_layers), layout.num_experts, self.top_k)
         store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)))
@@ -97,6 +100,32 @@ class ExpertRuntime:
             expert_nbytes=store.layout.record_nbytes,
         )
         return snap
+
+
+def check_layout(layout, expected: dict, where) -> None:
+    """The experts on disk must be the ones config.json describes."""
+    from .layout import LayoutError
+
+    def fail(what):
+        raise LayoutError(
+            f"{where} does not match {'config.json'}: {what}. The expert files "
+            "belong to another model or another conversion; re-convert the model."
+        )
+
+    if layout.num_experts != expected["num_experts"]:
+        fail(f"{layout.num_experts} experts per layer, config says {expected['num_experts']}")
+    if list(layout.moe_layers) != list(expected["moe_layers"]):
+        fail(f"MoE layers {layout.moe_layers}, config implies {expected['moe_layers']}")
+    D, I = expected["hidden_size"], expected["moe_intermediate_size"]
+    q = layout.quantization
+    specs = {t.name: t for t in layout.tensors}
+    for name, (rows, cols) in {"gate_proj.weight": (I, D), "up_proj.weight": (I, D), "down_proj.weight": (D, I)}.items():
+        t = specs.get(name)
+        if t is None:
+            fail(f"no {name} tensor")
+        in_dims = t.shape[1] * 32 // q["bits"] if q else t.shape[1]
+        if (t.shape[0], in_dims) != (rows, cols):
+            fail(f"{name} is {t.dtype}{list(t.shape)}, expected {rows}x{cols} weights")
 
 
 def runtime_of(model) -> ExpertRuntime:

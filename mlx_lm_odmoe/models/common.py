@@ -12,13 +12,14 @@ def is_expert_key(key: str) -> bool:
 
 def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
     """Give every MoE layer an on-demand block sharing one runtime."""
-    runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers)
-    for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        if "switch_mlp" in mlp:
-            mlp.switch_mlp = OnDemandSwitchGLU(
-                runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
-            )
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    expected = {"num_experts": num_experts, "moe_layers": moe_layers,
+                "hidden_size": args.hidden_size, "moe_intermediate_size": args.moe_intermediate_size}
+    runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers, expected)
+    for i in moe_layers:
+        model.model.layers[i].mlp.switch_mlp = OnDemandSwitchGLU(
+            runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
+        )
     return runtime
 
 

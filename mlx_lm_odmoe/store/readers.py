@@ -5,10 +5,12 @@ experts in parallel); turning bytes into mlx arrays happens on the caller's
 thread via :func:`record_to_arrays`.
 """
 
+import errno
 import os
 import threading
+import zlib
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +20,7 @@ from ..layout import (
     EXPERTS_DIR,
     PROJECTIONS,
     ExpertLayout,
+    expert_key,
     LayoutError,
     load_layout,
     read_safetensors_header,
@@ -82,48 +85,123 @@ class _Files:
             self._fds.clear()
 
 
-class ShardedFolderReader(ExpertReader):
-    """Experts of a converted model: one read per expert record."""
+class ExpertReadError(OSError):
+    """An expert could not be read, or its bytes are not what was written."""
 
-    def __init__(self, model_dir: Path):
+
+_TRANSIENT = (errno.EINTR, errno.EAGAIN, errno.EIO)
+
+
+def read_with_retry(read, what: str, retries: int = 2):
+    """Retry transient I/O errors a couple of times; name the file if it fails."""
+    for attempt in range(retries + 1):
+        try:
+            return read()
+        except OSError as e:
+            if isinstance(e, ExpertReadError) or e.errno not in _TRANSIENT or attempt == retries:
+                raise ExpertReadError(f"{what}: {e}") from e
+
+
+class ShardedFolderReader(ExpertReader):
+    """Experts of a converted model: one read per expert record.
+
+    Every record's crc32 (written at conversion) is checked after each read,
+    and each shard's safetensors header is checked against the index the
+    first time the shard is used, so a corrupt or replaced file is an error
+    naming the file, never wrong numbers.
+
+    ``resolve`` maps a shard's name to a local path; the default is the
+    folder itself, the Hub store passes a function that downloads the shard
+    on first use.
+    """
+
+    def __init__(self, model_dir: Path, resolve: Optional[Callable[[str], Path]] = None, verify: bool = True):
         self.experts_dir = Path(model_dir) / EXPERTS_DIR
+        self.index_path = self.experts_dir / "index.json"
         self.layout = load_layout(self.experts_dir)
-        self._paths = [self._shard_path(s) for s in self.layout.shards]
-        self._check_sizes()
+        self.verify = verify
+        self._resolve = resolve
+        self._names = [self._shard_name(s) for s in self.layout.shards]
+        self._paths: Dict[int, Path] = {}
+        self._lock = threading.Lock()
+        self._check_index()
+        if resolve is None:
+            for i in range(len(self._names)):
+                self._check_size(i, self.experts_dir / self._names[i])
         self._files = _Files()
 
-    def _shard_path(self, shard: dict) -> Path:
+    def _shard_name(self, shard: dict) -> str:
         name = shard.get("file", "")
-        path = (self.experts_dir / name).resolve()
-        if path.parent != self.experts_dir.resolve() or not name:
+        local = (self.experts_dir / name).resolve()
+        if not name or local.parent != self.experts_dir.resolve():
             raise LayoutError(
-                f"{self.experts_dir / 'index.json'}: shard {name!r} points outside "
-                f"{self.experts_dir}; refusing to read it"
+                f"{self.index_path}: shard {name!r} points outside {self.experts_dir}; "
+                "refusing to read it"
             )
+        return name
+
+    def _check_index(self):
+        for l, locs in self.layout.locations.items():
+            for e, (s, off, _) in enumerate(locs):
+                if not 0 <= s < len(self._names):
+                    raise LayoutError(f"{self.index_path}: layer {l} expert {e} points at shard {s}, which does not exist")
+
+    def _needed_size(self, shard: int) -> int:
+        rec = self.layout.record_nbytes
+        return max((off + rec for locs in self.layout.locations.values() for s, off, _ in locs if s == shard), default=0)
+
+    def _check_size(self, i: int, path: Path):
         if not path.exists():
             raise LayoutError(f"{path}: expert shard is missing; re-download or re-convert the model")
+        size = path.stat().st_size
+        want = self.layout.shards[i].get("size", self._needed_size(i))
+        if size != want or size < self._needed_size(i):
+            raise LayoutError(
+                f"{path}: expert shard is {size} bytes but the index expects {want} "
+                "(truncated or replaced?); re-download or re-convert the model"
+            )
+
+    def _check_header(self, i: int, path: Path):
+        header, start = read_safetensors_header(path)
+        for l, locs in self.layout.locations.items():
+            for e, (s, off, _) in enumerate(locs):
+                if s != i:
+                    continue
+                for t in self.layout.tensors:
+                    key = expert_key(l, e, t.name)
+                    h = header.get(key)
+                    ok = h is not None and h.get("dtype") == t.dtype and tuple(h.get("shape", ())) == t.shape \
+                        and start + h["data_offsets"][0] == off + t.offset
+                    if not ok:
+                        raise LayoutError(
+                            f"{path}: tensor {key} does not match {self.index_path} "
+                            f"(expected {t.dtype}{list(t.shape)} at byte {off + t.offset}); re-convert the model"
+                        )
+
+    def shard_path(self, i: int) -> Path:
+        path = self._paths.get(i)
+        if path is None:
+            with self._lock:
+                path = self._paths.get(i)
+                if path is None:
+                    name = self._names[i]
+                    path = Path(self._resolve(name)) if self._resolve else self.experts_dir / name
+                    self._check_size(i, path)
+                    if self.verify:
+                        self._check_header(i, path)
+                    self._paths[i] = path
         return path
 
-    def _check_sizes(self):
-        need = [0] * len(self._paths)
-        rec = self.layout.record_nbytes
-        for locs in self.layout.locations.values():
-            for s, off in locs:
-                if not 0 <= s < len(self._paths):
-                    raise LayoutError(f"{self.experts_dir / 'index.json'}: expert points at shard {s}, which does not exist")
-                need[s] = max(need[s], off + rec)
-        for path, n, shard in zip(self._paths, need, self.layout.shards):
-            size = path.stat().st_size
-            if size < n or ("size" in shard and size != shard["size"]):
-                raise LayoutError(
-                    f"{path}: expert shard is {size} bytes but the index expects "
-                    f"{shard.get('size', n)} (truncated or replaced?); re-download or re-convert"
-                )
-
     def read(self, layer, expert):
-        s, off = self.layout.locations[layer][expert]
+        s, off, crc = self.layout.locations[layer][expert]
+        path = self.shard_path(s)
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
-        self._files.pread_into(self._paths[s], memoryview(buf), off)
+        what = f"{path} (layer {layer} expert {expert})"
+        read_with_retry(lambda: self._files.pread_into(path, memoryview(buf), off), what)
+        if self.verify and zlib.crc32(buf) != crc:
+            raise ExpertReadError(
+                f"{what}: checksum mismatch, the file is corrupt; re-download or re-convert the model"
+            )
         return buf
 
     def close(self):
@@ -189,7 +267,10 @@ class StackedCheckpointReader(ExpertReader):
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
         view = memoryview(buf)
         for t, (path, begin, per_expert) in zip(self.layout.tensors, self._ranges[layer]):
-            self._files.pread_into(path, view[t.offset : t.offset + t.nbytes], begin + expert * per_expert)
+            read_with_retry(
+                lambda: self._files.pread_into(path, view[t.offset : t.offset + t.nbytes], begin + expert * per_expert),
+                f"{path} (layer {layer} expert {expert}, {t.name})",
+            )
         return buf
 
     def close(self):
