@@ -125,10 +125,10 @@ class ShardedFolderReader(ExpertReader):
         self._paths: Dict[int, Path] = {}
         self._lock = threading.Lock()
         self._check_index()
-        if resolve is None:
-            for i in range(len(self._names)):
-                self._check_size(i, self.experts_dir / self._names[i])
         self._files = _Files()
+        if resolve is None:  # local shards: check them all now, at load
+            for i in range(len(self._names)):
+                self.shard_path(i)
 
     def _shard_name(self, shard: dict) -> str:
         name = shard.get("file", "")
