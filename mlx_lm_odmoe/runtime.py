@@ -68,7 +68,7 @@ class ExpertRuntime:
 
         source = self.settings.get("source", "sharded")
         if source == "sharded":
-            reader = ShardedFolderReader(self.model_dir)
+            reader = self._sharded_reader()
         elif source == "mlx":
             reader = StackedCheckpointReader(
                 Path(self.settings.get("checkpoint", self.model_dir)),
@@ -88,6 +88,23 @@ class ExpertRuntime:
             store.warm()
         self._store = store
         return store
+
+    def _sharded_reader(self):
+        from .hub import hub_snapshot, shard_resolver, wants_all_up_front
+        from .layout import EXPERTS_DIR, load_layout
+        from .store import ShardedFolderReader
+
+        snapshot = hub_snapshot(self.model_dir)
+        if snapshot is None:
+            return ShardedFolderReader(self.model_dir)
+        layout = load_layout(self.model_dir / EXPERTS_DIR)
+        if all((self.model_dir / EXPERTS_DIR / s["file"]).exists() for s in layout.shards):
+            return ShardedFolderReader(self.model_dir)  # already in the cache
+        reader = ShardedFolderReader(self.model_dir, resolve=shard_resolver(snapshot))
+        if wants_all_up_front(self.settings):
+            for i in range(len(layout.shards)):
+                reader.shard_path(i)
+        return reader
 
     def stats(self) -> dict:
         store = self.store

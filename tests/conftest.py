@@ -27,6 +27,7 @@ def models(tmp_path_factory):
     kind: "qwen2_moe" | "kimi_k2". variant:
       hf          HF checkpoint, float32 (qwen2_moe sharded in 2 files + index)
       odmoe       converted from hf, float32
+      odmoe_sharded  the same with ~1 MB expert shards
       stock_q4    mlx_lm.convert -q of hf (stock mlx-lm, stacked experts)
       odmoe_q4    converted from hf with -q
       odmoe_from_stock_q4  converted from stock_q4 (an mlx-lm checkpoint)
@@ -47,6 +48,8 @@ def models(tmp_path_factory):
             from mlx_lm.convert import convert as stock_convert
 
             stock_convert(str(get(kind, "hf")), str(out), quantize=True, q_group_size=64, q_bits=4)
+        elif variant == "odmoe_sharded":  # several small expert shards
+            convert(get(kind, "hf"), out, shard_size_gb=0.001, progress=False)
         elif variant == "odmoe_q4":
             convert(get(kind, "hf"), out, quantize=True, q_group_size=64, q_bits=4, progress=False)
         elif variant == "odmoe_from_stock_q4":

@@ -132,8 +132,9 @@ class ShardedFolderReader(ExpertReader):
 
     def _shard_name(self, shard: dict) -> str:
         name = shard.get("file", "")
-        local = (self.experts_dir / name).resolve()
-        if not name or local.parent != self.experts_dir.resolve():
+        # A bare file name: the index may not steer reads elsewhere. (Shards
+        # themselves may be symlinks, as in the Hugging Face cache.)
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
             raise LayoutError(
                 f"{self.index_path}: shard {name!r} points outside {self.experts_dir}; "
                 "refusing to read it"
