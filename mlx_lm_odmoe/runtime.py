@@ -82,7 +82,11 @@ class ExpertRuntime:
             check_layout(layout, self.expected, getattr(reader, "index_path", self.model_dir))
         budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
         slots = slots_for_budget(budget, layout.record_nbytes, len(layout.moe_layers), layout.num_experts, self.top_k)
-        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)))
+        from .telemetry import Telemetry
+
+        interval = self.settings.get("log_interval")
+        telemetry = Telemetry(layout.moe_layers, layout.num_experts, None if interval is None else float(interval))
+        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)), telemetry=telemetry)
         self.budget = slots * layout.record_nbytes * len(layout.moe_layers)
         if store.identity and self.settings.get("preload", True):
             store.warm()

@@ -5,6 +5,8 @@ graph. Route counts seen on the no-sync fast path are parked as (already
 evaluated) index arrays and folded in lazily, so that path stays sync-free.
 """
 
+import logging
+import os
 import threading
 import time
 from collections import deque
@@ -12,12 +14,19 @@ from typing import Dict, List
 
 import numpy as np
 
+LOG_ENV_VAR = "MLX_LM_ODMOE_LOG_INTERVAL"
+logger = logging.getLogger("mlx_lm_odmoe")
+
 # Fetch latency histogram bucket edges, in microseconds (log2 spaced).
 LATENCY_EDGES_US = [2**i for i in range(4, 25)]
 
 
 class Telemetry:
-    def __init__(self, moe_layers: List[int], num_experts: int):
+    def __init__(self, moe_layers: List[int], num_experts: int, log_interval_s: float = None):
+        if log_interval_s is None:
+            log_interval_s = float(os.environ.get(LOG_ENV_VAR, 0) or 0)
+        self.log_interval_s = log_interval_s
+        self._last_log = time.monotonic()
         self.moe_layers = list(moe_layers)
         self.num_experts = num_experts
         self._row = {l: i for i, l in enumerate(self.moe_layers)}
@@ -49,6 +58,9 @@ class Telemetry:
             self.forward_calls += 1
             if hits is not None:
                 self.layer_hits[row] += hits
+        if self.log_interval_s and time.monotonic() - self._last_log >= self.log_interval_s:
+            self._last_log = time.monotonic()
+            logger.info(self.summary())
 
     def record_routes_lazy(self, layer: int, indices):
         """Routes served from a fully resident layer: every expert is a hit."""
@@ -81,6 +93,18 @@ class Telemetry:
             self.evictions += n
 
     # -- reading -----------------------------------------------------------
+    def summary(self) -> str:
+        """One line for logs."""
+        with self._lock:
+            h, m = int(self.layer_hits.sum()), int(self.layer_misses.sum())
+            lat = np.array(self.latencies_s) if self.latencies_s else None
+            read = self.bytes_read
+        rate = f"{h / (h + m):.3f}" if h + m else "n/a"
+        p50 = f"{np.percentile(lat, 50) * 1e3:.2f}" if lat is not None else "n/a"
+        p99 = f"{np.percentile(lat, 99) * 1e3:.2f}" if lat is not None else "n/a"
+        return (f"experts: hit rate {rate} ({h} hits, {m} misses), "
+                f"{read / 1e6:.1f} MB read, fetch p50 {p50} ms p99 {p99} ms")
+
     def snapshot(self) -> Dict:
         self._drain()
         with self._lock:

@@ -90,3 +90,15 @@ def test_stats_count_use_per_layer_and_expert(models):
     assert sum(s["expert_use"][1]) > 0 and s["load_balance"] >= 1.0
     assert s["resident_bytes"] <= s["budget_bytes"]
     json.dumps(s)  # plain data
+
+
+def test_stats_are_logged_at_an_interval(models, monkeypatch, caplog):
+    import logging
+
+    import mlx_lm
+
+    monkeypatch.setenv("MLX_LM_ODMOE_LOG_INTERVAL", "0.000001")
+    model, tok = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min")
+    with caplog.at_level(logging.INFO, logger="mlx_lm_odmoe"):
+        mlx_lm.generate(model, tok, prompt="def hello", max_tokens=3)
+    assert any("experts: hit rate" in r.message for r in caplog.records)
