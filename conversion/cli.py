@@ -8,15 +8,20 @@ def configure_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlx_lm_odmoe.convert",
         description=(
-            "Convert a Hugging Face (per-expert tensors) or mlx-lm (stacked "
-            "switch_mlp) MoE checkpoint into a model folder whose routed experts "
-            "are loaded on demand. Supported model types: qwen2_moe, "
-            "deepseek_v3, kimi_k2, kimi_k25. The output loads with stock "
-            "mlx_lm.generate / mlx_lm.server / mlx_lm.load."
+            "Convert a Hugging Face (per-expert tensors), mlx-lm (stacked "
+            "switch_mlp) or llama.cpp GGUF MoE checkpoint into a model folder "
+            "whose routed experts are loaded on demand. Supported model types: "
+            "qwen2_moe, deepseek_v3, kimi_k2, kimi_k25 (GGUF: qwen2moe, "
+            "deepseek2). The output loads with stock mlx_lm.generate / "
+            "mlx_lm.server / mlx_lm.load."
         ),
-        epilog="Example: mlx_lm_odmoe.convert --hf-path ./Qwen1.5-MoE-A2.7B --mlx-path ./qwen-odmoe -q",
+        epilog="Examples: mlx_lm_odmoe.convert --hf-path ./Qwen1.5-MoE-A2.7B --mlx-path ./qwen-odmoe -q ; "
+               "mlx_lm_odmoe.convert --gguf ./Kimi-K2-Q4_K_M-00001-of-00013.gguf --mlx-path ./kimi -q",
     )
-    p.add_argument("--hf-path", "--model", required=True, help="Source model folder.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-path", "--model", help="Source model folder.")
+    source.add_argument("--gguf", help="Source llama.cpp GGUF file (qwen2moe or deepseek2); for a split "
+                                       "model, any of its NAME-0000i-of-0000N.gguf parts.")
     p.add_argument("--mlx-path", default="mlx_model", help="Output folder (must not exist). Default: mlx_model")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize (MLX affine) the model, experts included.")
     p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128), help="Quantization group size. Default: 64")
@@ -30,12 +35,15 @@ def configure_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = configure_parser().parse_args(argv)
+    parser = configure_parser()
+    args = parser.parse_args(argv)
+    if args.gguf and not args.gguf.endswith(".gguf"):
+        parser.error(f"--gguf expects a .gguf file, got {args.gguf!r}")
     from .convert import convert
 
     try:
         out = convert(
-            args.hf_path,
+            args.hf_path or args.gguf,
             args.mlx_path,
             quantize=args.quantize,
             q_group_size=args.q_group_size,

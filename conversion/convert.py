@@ -1,4 +1,4 @@
-"""Convert a Hugging Face or mlx-lm MoE checkpoint to the sharded layout.
+"""Convert a Hugging Face, mlx-lm or GGUF MoE checkpoint to the sharded layout.
 
 Resident weights go through mlx-lm's own sanitize, casting and
 ``quantize_model``, so they are exactly what ``mlx_lm.convert`` would write.
@@ -79,7 +79,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ):
-    src = open_source(hf_path)
+    src = open_source(hf_path, dtype)
     config = odmoe_config(src.config)
     if src.quantization and quantize:
         raise ValueError(f"{hf_path} is already quantized; convert it without -q")
@@ -142,7 +142,10 @@ def convert(
         config["odmoe"] = {"format": FORMAT_VERSION, "expert_bytes": layout.record_nbytes,
                            "experts_total_bytes": layout.total_nbytes}
         save_config(config, config_path=out / "config.json")
-        _copy_tokenizer(Path(hf_path), out)
+        if hasattr(src, "write_tokenizer"):
+            src.write_tokenizer(out)  # a GGUF holds its tokenizer as metadata
+        else:
+            _copy_tokenizer(Path(hf_path), out)
     return Path(mlx_path)
 
 

@@ -127,8 +127,13 @@ class MLXSource:
         return record_to_arrays(self.reader.read(layer, expert), self.reader.layout)
 
 
-def open_source(path) -> "HFSource | MLXSource":
+def open_source(path, dtype: Optional[str] = None):
+    """A GGUF file (llama.cpp), or a Hugging Face / mlx-lm folder."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from .gguf_source import GGUFSource
+
+        return GGUFSource(path, dtype)
     files = _weight_files(path)
     for f in files:
         header, _ = read_safetensors_header(f)

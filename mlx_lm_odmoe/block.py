@@ -30,6 +30,10 @@ class OnDemandSwitchGLU(nn.Module):
         object.__setattr__(self, "_kernel", None)
         self.layer = layer
         self.dims = (input_dims, hidden_dims, num_experts)
+        # Parameter-free stand-ins for SwitchGLU's projections, so code that
+        # addresses them (mlx-lm's shard()) finds them; the store holds the
+        # weights and slices them per rank.
+        self.gate_proj, self.up_proj, self.down_proj = nn.Module(), nn.Module(), nn.Module()
 
     def _get_kernel(self, store) -> SwitchGLU:
         if self._kernel is None:

@@ -93,6 +93,20 @@ class ExpertLayout:
     def total_nbytes(self) -> int:
         return self.record_nbytes * self.num_experts * len(self.moe_layers)
 
+    def sliced(self, rank: int, size: int) -> "ExpertLayout":
+        """The layout of rank ``rank``'s slice of every expert under tensor
+        parallelism: gate/up split by output rows, down by input columns
+        (mlx-lm's scheme). Shards and locations stay the full model's."""
+        tensors = []
+        for t in self.tensors:
+            axis = slice_axis(t.name)
+            if t.shape[axis] % size:
+                raise LayoutError(f"{t.name} {list(t.shape)} does not split {size} ways along axis {axis}")
+            shape = list(t.shape)
+            shape[axis] //= size
+            tensors.append((t.name, t.dtype, tuple(shape)))
+        return ExpertLayout(self.num_experts, list(self.moe_layers), record_specs(tensors), self.quantization)
+
     def to_json(self) -> dict:
         return {
             "format": FORMAT_VERSION,
@@ -156,6 +170,12 @@ def load_layout(experts_dir: Path) -> ExpertLayout:
         if locs is None or len(locs) != layout.num_experts:
             raise LayoutError(f"{index}: layer {l} does not list all {layout.num_experts} experts")
     return layout
+
+
+def slice_axis(tensor_name: str) -> int:
+    """Tensor-parallel split axis of an expert tensor: rows for gate/up
+    (all-to-sharded), columns for down (sharded-to-all)."""
+    return 1 if tensor_name.startswith("down_proj.") else 0
 
 
 def expert_key(layer: int, expert: int, name: str) -> str:

@@ -43,6 +43,26 @@ class ExpertRuntime:
         self.expected = expected
         self.model_dir = find_model_dir(self.settings)
         self._store = None
+        self.part = None  # (rank, size) under tensor parallelism
+        self.active_layers = None  # callable: this rank's MoE layers (pipeline)
+
+    def shard(self, rank: int, size: int):
+        """Hold and read only this rank's slice of every expert."""
+        self.part = (rank, size) if size > 1 else None
+        self.close()
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def validate(self):
+        """Check the expert files and the budget without reading experts."""
+        reader = self._base_reader()
+        try:
+            self._plan(reader.layout)
+        finally:
+            reader.close()
 
     @property
     def store(self):
@@ -58,13 +78,42 @@ class ExpertRuntime:
     def open(self):
         if self._store is not None:
             return self._store
+        from .store import CachedStore, SlicedReader
+        from .telemetry import Telemetry
+
+        reader = self._base_reader()
+        if self.part is not None:
+            reader = SlicedReader(reader, *self.part)
+        layout = reader.layout
+        layers = self._layers(layout)
+        self.budget, slots = self._plan(layout, len(layers))
+        interval = self.settings.get("log_interval")
+        telemetry = Telemetry(layout.moe_layers, layout.num_experts, None if interval is None else float(interval))
+        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)), telemetry=telemetry)
+        if store.identity and self.settings.get("preload", True):
+            store.warm(layers)
+        self._store = store
+        return store
+
+    def _layers(self, layout):
+        active = self.active_layers() if self.active_layers else None
+        return [l for l in layout.moe_layers if active is None or l in active]
+
+    def _plan(self, layout, num_layers=None):
+        """(budget bytes, slots per layer) for ``num_layers`` MoE layers."""
+        n = num_layers or len(layout.moe_layers)
+        budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
+        slots = slots_for_budget(budget, layout.record_nbytes, n, layout.num_experts, self.top_k)
+        return slots * layout.record_nbytes * n, slots
+
+    def _base_reader(self):
         if self.model_dir is None:
             raise RuntimeError(
                 "odmoe: cannot tell which folder this model was loaded from. Load it "
                 "with mlx_lm.load()/mlx_lm_odmoe.load(), or set "
                 f"${PATH_ENV_VAR} or config.json's odmoe.model_path."
             )
-        from .store import CachedStore, ShardedFolderReader, StackedCheckpointReader
+        from .store import StackedCheckpointReader
 
         source = self.settings.get("source", "sharded")
         if source == "sharded":
@@ -77,21 +126,9 @@ class ExpertRuntime:
             )
         else:
             raise ValueError(f"{self.model_dir / 'config.json'}: unknown odmoe.source {source!r} (use 'sharded' or 'mlx')")
-        layout = reader.layout
         if self.expected:
-            check_layout(layout, self.expected, getattr(reader, "index_path", self.model_dir))
-        budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
-        slots = slots_for_budget(budget, layout.record_nbytes, len(layout.moe_layers), layout.num_experts, self.top_k)
-        from .telemetry import Telemetry
-
-        interval = self.settings.get("log_interval")
-        telemetry = Telemetry(layout.moe_layers, layout.num_experts, None if interval is None else float(interval))
-        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)), telemetry=telemetry)
-        self.budget = slots * layout.record_nbytes * len(layout.moe_layers)
-        if store.identity and self.settings.get("preload", True):
-            store.warm()
-        self._store = store
-        return store
+            check_layout(reader.layout, self.expected, getattr(reader, "index_path", self.model_dir))
+        return reader
 
     def _sharded_reader(self):
         from .hub import hub_snapshot, shard_resolver, wants_all_up_front

@@ -38,7 +38,7 @@ TINY_KIMI = {
     "architectures": ["DeepseekV3ForCausalLM"],
     "model_type": "kimi_k2",
     "hidden_size": 128,
-    "num_hidden_layers": 3,
+    "num_hidden_layers": 4,
     "intermediate_size": 256,
     "moe_intermediate_size": 64,
     "num_attention_heads": 4,

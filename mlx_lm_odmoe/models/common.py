@@ -20,6 +20,14 @@ def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
         model.model.layers[i].mlp.switch_mlp = OnDemandSwitchGLU(
             runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
         )
+    inner = model.model
+
+    def active_layers():
+        # After mlx-lm's pipeline(), other ranks' layers are None or cut off.
+        layers = inner.layers
+        return {i for i in moe_layers if i < len(layers) and layers[i] is not None}
+
+    runtime.active_layers = active_layers
     return runtime
 
 
@@ -37,6 +45,14 @@ def strip_experts(weights: dict) -> dict:
 
 def open_at_load(runtime: ExpertRuntime):
     # mlx-lm calls sanitize inside load_model: opening here makes a bad budget
-    # or a broken expert folder fail at load, not mid-generation.
-    if runtime.model_dir is not None:
+    # or a broken expert folder fail at load, not mid-generation. Under
+    # mx.distributed, shard()/pipeline() come after loading, so only check
+    # now and read each rank's part on first use.
+    if runtime.model_dir is None:
+        return
+    import mlx.core as mx
+
+    if mx.distributed.init().size() > 1:
+        runtime.validate()
+    else:
         runtime.open()

@@ -9,6 +9,7 @@ K2.5's nested ``text_config`` is accepted as well as flat K2 configs.
 from dataclasses import dataclass
 from typing import Optional
 
+import mlx.core as mx
 from mlx_lm.models import deepseek_v3
 
 from .common import install_on_demand_blocks, open_at_load, strip_experts
@@ -37,3 +38,10 @@ class Model(deepseek_v3.Model):
         weights = super().sanitize(strip_experts(weights))
         open_at_load(self.expert_runtime)
         return weights
+
+    def shard(self, group: Optional[mx.distributed.Group] = None):
+        # mlx-lm's scheme; shard_inplace on our parameter-free switch_mlp is
+        # a no-op, the store reads each rank's slices instead.
+        group = group or mx.distributed.init()
+        super().shard(group)
+        self.expert_runtime.shard(group.rank(), group.size())

@@ -8,7 +8,7 @@ from .base import ExpertStore
 from .cached import CachedStore
 from .memory import MemoryStore
 from .policy import CachePolicy, LRUPolicy
-from .readers import ExpertReader, ShardedFolderReader, StackedCheckpointReader
+from .readers import ExpertReader, ShardedFolderReader, SlicedReader, StackedCheckpointReader
 
 __all__ = [
     "ExpertStore",
@@ -18,5 +18,6 @@ __all__ = [
     "LRUPolicy",
     "ExpertReader",
     "ShardedFolderReader",
+    "SlicedReader",
     "StackedCheckpointReader",
 ]

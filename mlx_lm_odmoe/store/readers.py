@@ -25,6 +25,7 @@ from ..layout import (
     load_layout,
     read_safetensors_header,
     record_specs,
+    slice_axis,
 )
 
 
@@ -36,6 +37,13 @@ class ExpertReader:
     def read(self, layer: int, expert: int) -> np.ndarray:
         """Return a uint8 buffer of ``layout.record_nbytes`` bytes."""
         raise NotImplementedError
+
+    def tensor_location(self, layer: int, expert: int, tensor) -> Tuple[Path, int]:
+        """File and byte offset where ``tensor`` of an expert starts."""
+        raise NotImplementedError
+
+    def pread_into(self, path: Path, buf: memoryview, offset: int, what: str):
+        read_with_retry(lambda: self._files.pread_into(path, buf, offset), what)
 
     def close(self) -> None:
         pass
@@ -193,6 +201,10 @@ class ShardedFolderReader(ExpertReader):
                     self._paths[i] = path
         return path
 
+    def tensor_location(self, layer, expert, tensor):
+        s, off, _ = self.layout.locations[layer][expert]
+        return self.shard_path(s), off + tensor.offset
+
     def read(self, layer, expert):
         s, off, crc = self.layout.locations[layer][expert]
         path = self.shard_path(s)
@@ -264,6 +276,11 @@ class StackedCheckpointReader(ExpertReader):
         names = [f"{p}.{part}" for p in PROJECTIONS for part in ("weight", "scales", "biases") if f"{p}.{part}" in keys]
         return [(n, found[keys[n]]) for n in names]
 
+    def tensor_location(self, layer, expert, tensor):
+        i = [t.name for t in self.layout.tensors].index(tensor.name)
+        path, begin, per_expert = self._ranges[layer][i]
+        return path, begin + expert * per_expert
+
     def read(self, layer, expert):
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
         view = memoryview(buf)
@@ -276,3 +293,39 @@ class StackedCheckpointReader(ExpertReader):
 
     def close(self):
         self._files.close()
+
+
+class SlicedReader(ExpertReader):
+    """One tensor-parallel rank's slice of every expert, read by byte range.
+
+    Row slices (gate/up) are one read per tensor; column slices (down) one
+    read per row. Only the slice's bytes are read and held, so a rank's
+    expert memory and reads are ~1/size of the whole. Record checksums cover
+    whole experts and are not checked on slices.
+    """
+
+    def __init__(self, base: ExpertReader, rank: int, size: int):
+        self.base, self.rank, self.size = base, rank, size
+        self.layout = base.layout.sliced(rank, size)
+
+    def read(self, layer, expert):
+        buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
+        view = memoryview(buf)
+        for full, part in zip(self.base.layout.tensors, self.layout.tensors):
+            path, start = self.base.tensor_location(layer, expert, full)
+            itemsize = np.dtype(full.np_dtype).itemsize
+            rows, cols = full.shape
+            what = f"{path} (layer {layer} expert {expert}, {full.name} slice {self.rank}/{self.size})"
+            if slice_axis(full.name) == 0:
+                offset = start + self.rank * part.shape[0] * cols * itemsize
+                self.base.pread_into(path, view[part.offset : part.offset + part.nbytes], offset, what)
+            else:
+                width = part.shape[1] * itemsize
+                first = start + self.rank * width
+                for r in range(rows):
+                    dst = part.offset + r * width
+                    self.base.pread_into(path, view[dst : dst + width], first + r * cols * itemsize, what)
+        return buf
+
+    def close(self):
+        self.base.close()
