@@ -63,20 +63,42 @@ class OnDemandSwitchGLU(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         store = self._runtime.store
+        for observe in self._runtime.observers:  # trace collection
+            observe(self.layer, x, indices)
         pool = store.resident_pool(self.layer)
         if pool is not None:
             store.telemetry.record_routes_lazy(self.layer, indices)
             return self._run(store, pool, x, indices)
 
-        ids = np.array(indices)  # the one host sync per layer
+        predictor = self._runtime.predictor
+        guesses = self._predict(predictor, x, indices) if predictor is not None else {}
+        mx.eval(indices, *guesses.values())  # the one host sync per layer
+        ids = np.array(indices)
         experts = np.unique(ids)
         store.telemetry.record_routes(self.layer, ids)
+        store.telemetry.score_prediction(self.layer, experts)
         if len(experts) <= store.capacity(self.layer):
             pool, slots = store.fetch(self.layer, experts)
+            self._prefetch(store, guesses)  # reads overlap this layer's compute
             remap = np.zeros(store.layout.num_experts, dtype=np.int32)
             remap[experts] = slots
             return self._run(store, pool, x, mx.array(remap[ids]))
         return self._expert_major(store, x, ids, experts)
+
+    def _predict(self, predictor, x, indices):
+        """Top-k guesses for later layers from the newest token of each row."""
+        if x.shape[1] != 1:  # prefill runs expert-major; predict in decode
+            return {}
+        k = indices.shape[-1]
+        scores = predictor.predict(self.layer, x[:, -1], indices[:, -1])
+        return {l: mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k] for l, s in scores.items()}
+
+    @staticmethod
+    def _prefetch(store, guesses):
+        for target, ids in guesses.items():
+            experts = np.unique(np.array(ids))
+            store.telemetry.record_prediction(target, experts)
+            store.prefetch(target, experts)
 
     def _expert_major(self, store, x, ids, experts):
         """Run routes in chunks of at most ``capacity`` distinct experts."""

@@ -16,6 +16,7 @@ from typing import Optional
 from .budget import resolve_budget, slots_for_budget
 
 PATH_ENV_VAR = "MLX_LM_ODMOE_MODEL_PATH"
+PREDICTOR_ENV_VAR = "MLX_LM_ODMOE_PREDICTOR"
 
 
 def find_model_dir(settings: dict) -> Optional[Path]:
@@ -43,6 +44,9 @@ class ExpertRuntime:
         self.expected = expected
         self.model_dir = find_model_dir(self.settings)
         self._store = None
+        self.observers = []  # callables (layer, block input, router ids)
+        self.predictor = None  # an ExpertPredictor feeding store.prefetch
+        self.model_ref = None  # weakref to the model, for predictors
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)
 
@@ -92,8 +96,21 @@ class ExpertRuntime:
         store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)), telemetry=telemetry)
         if store.identity and self.settings.get("preload", True):
             store.warm(layers)
+        elif self.predictor is None:
+            self.predictor = self._load_predictor()
         self._store = store
         return store
+
+    def _load_predictor(self):
+        """The model folder's shadow model, unless turned off."""
+        choice = os.environ.get(PREDICTOR_ENV_VAR) or self.settings.get("predictor", "auto")
+        model = self.model_ref() if self.model_ref else None
+        if choice == "off" or model is None:
+            return None
+        from . import predict
+
+        load = getattr(predict, "load_predictor", None)
+        return load(model, self.model_dir) if load else None
 
     def _layers(self, layout):
         active = self.active_layers() if self.active_layers else None

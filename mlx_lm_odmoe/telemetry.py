@@ -42,6 +42,12 @@ class Telemetry:
             self.layer_misses = np.zeros(n, dtype=np.int64)
             self.bytes_read = 0
             self.evictions = 0
+            self.prefetched_bytes = 0
+            self.prefetch_hits = 0
+            self.wasted_bytes = 0
+            self.predicted = {}  # target layer -> experts predicted for it
+            self.recall_hits = 0
+            self.recall_total = 0
             self.forward_calls = 0
             self.latencies_s = deque(maxlen=1 << 16)
             self.latency_hist = np.zeros(len(LATENCY_EDGES_US) + 1, dtype=np.int64)
@@ -88,6 +94,30 @@ class Telemetry:
                 us = dt * 1e6
                 self.latency_hist[np.searchsorted(LATENCY_EDGES_US, us)] += 1
 
+    def record_prefetch(self, nbytes: int):
+        with self._lock:
+            self.prefetched_bytes += nbytes
+            self.bytes_read += nbytes
+
+    def record_prefetch_hits(self, n: int):
+        with self._lock:
+            self.prefetch_hits += n
+
+    def record_wasted(self, nbytes: int):
+        with self._lock:
+            self.wasted_bytes += nbytes
+
+    def record_prediction(self, target_layer: int, experts):
+        self.predicted[target_layer] = set(int(e) for e in experts)
+
+    def score_prediction(self, layer: int, experts):
+        """Online recall: how many of ``experts`` were predicted for ``layer``."""
+        guess = self.predicted.pop(layer, None)
+        if guess is not None:
+            with self._lock:
+                self.recall_hits += len(guess.intersection(int(e) for e in experts))
+                self.recall_total += len(experts)
+
     def record_evictions(self, n: int):
         with self._lock:
             self.evictions += n
@@ -126,6 +156,10 @@ class Telemetry:
                 "hit_rate": hits / (hits + misses) if hits + misses else None,
                 "bytes_read": int(self.bytes_read),
                 "evictions": int(self.evictions),
+                "prefetched_bytes": int(self.prefetched_bytes),
+                "prefetch_hits": int(self.prefetch_hits),
+                "wasted_bytes": int(self.wasted_bytes),
+                "predictor_recall": self.recall_hits / self.recall_total if self.recall_total else None,
                 "fetch_latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat is not None else None,
                 "fetch_latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat is not None else None,
                 "fetch_latency_histogram_us": {

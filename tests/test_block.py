@@ -15,6 +15,9 @@ D, H, E, K = 128, 128, 8, 2
 
 
 class _Runtime:
+    observers = ()
+    predictor = None
+
     def __init__(self, store):
         self.store = store
 

@@ -1,5 +1,7 @@
 """What both odmoe model types share: swapping blocks and dropping experts."""
 
+import weakref
+
 from ..block import OnDemandSwitchGLU
 from ..runtime import ExpertRuntime
 
@@ -28,6 +30,7 @@ def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
         return {i for i in moe_layers if i < len(layers) and layers[i] is not None}
 
     runtime.active_layers = active_layers
+    runtime.model_ref = weakref.ref(model)
     return runtime
 
 

@@ -1,6 +1,7 @@
 """A byte-budgeted expert cache over a reader."""
 
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
@@ -49,6 +50,7 @@ class CachedStore(ExpertStore):
         policy: Optional[CachePolicy] = None,
         threads: int = 4,
         telemetry: Optional[Telemetry] = None,
+        max_staged: int = 64,
     ):
         self.reader = reader
         self.layout = reader.layout
@@ -61,6 +63,10 @@ class CachedStore(ExpertStore):
         self._layers: Dict[int, _LayerSlots] = {}
         self._complete = set()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="odmoe-read")
+        # Prefetched records wait here, outside the pools, until their layer
+        # asks for them: speculation never evicts a resident expert.
+        self._staged: "OrderedDict[tuple, object]" = OrderedDict()
+        self.max_staged = max_staged
 
     # -- interface ---------------------------------------------------------
     def capacity(self, layer):
@@ -75,18 +81,37 @@ class CachedStore(ExpertStore):
         missing = experts[slots < 0]
         for e in experts[slots >= 0]:
             self.policy.touch(layer, int(e))
-        latencies = ()
+        latencies, ready, read = (), 0, 0
         if len(missing):
-            latencies = self._load(layer, st, missing, protected=experts)
+            latencies, ready, read = self._load(layer, st, missing, protected=experts)
             slots = st.expert_slot[experts]
+        # A prefetched expert whose read had finished counts as a hit: its
+        # bytes were in memory when the layer needed them.
         self.telemetry.record_fetch(
             layer,
-            len(experts) - len(missing),
-            len(missing),
-            len(missing) * self.layout.record_nbytes,
+            len(experts) - len(missing) + ready,
+            len(missing) - ready,
+            read * self.layout.record_nbytes,
             latencies,
         )
         return st.pool, slots
+
+    def prefetch(self, layer, experts):
+        st = self._layer(layer)
+        for e in experts:
+            e = int(e)
+            key = (layer, e)
+            if st.expert_slot[e] >= 0 or key in self._staged:
+                continue
+            while len(self._staged) >= self.max_staged:
+                self._drop_oldest_staged()
+            self._staged[key] = self._pool.submit(self._timed_read, layer, e)
+            self.telemetry.record_prefetch(self.layout.record_nbytes)
+
+    def _drop_oldest_staged(self):
+        _, fut = self._staged.popitem(last=False)
+        fut.cancel()
+        self.telemetry.record_wasted(self.layout.record_nbytes)
 
     def warm(self, layers=None, progress=None):
         """Read every expert of ``layers`` (all MoE layers by default)."""
@@ -95,7 +120,7 @@ class CachedStore(ExpertStore):
             st = self._layer(l)
             missing = want[st.expert_slot[want] < 0]
             if len(missing):
-                lat = self._load(l, st, missing, protected=want)
+                lat, _, _ = self._load(l, st, missing, protected=want)
                 # Preloading is not demand: count the bytes, not misses.
                 self.telemetry.record_fetch(l, 0, 0, len(missing) * self.layout.record_nbytes, lat)
             if progress is not None:
@@ -105,6 +130,9 @@ class CachedStore(ExpertStore):
         return sum(a.nbytes for st in self._layers.values() for a in st.pool.values())
 
     def close(self):
+        for fut in self._staged.values():
+            fut.cancel()
+        self._staged.clear()
         self._pool.shutdown(wait=True)
         self.reader.close()
 
@@ -136,8 +164,21 @@ class CachedStore(ExpertStore):
         self.policy.insert(layer, expert)
         return slot
 
-    def _load(self, layer, st: _LayerSlots, missing: np.ndarray, protected) -> list:
-        futures = [(int(e), self._pool.submit(self._timed_read, layer, int(e))) for e in missing]
+    def _load(self, layer, st: _LayerSlots, missing: np.ndarray, protected):
+        """Read ``missing`` into slots; return (latencies, prefetched reads
+        already done, reads issued now)."""
+        futures, ready, late = [], 0, 0
+        for e in missing:
+            fut = self._staged.pop((layer, int(e)), None)
+            if fut is None:
+                fut = self._pool.submit(self._timed_read, layer, int(e))
+            elif fut.done():
+                ready += 1
+            else:
+                late += 1
+            futures.append((int(e), fut))
+        if ready + late:
+            self.telemetry.record_prefetch_hits(ready + late)
         protected = [int(e) for e in protected]
         latencies = []
         for e, fut in futures:
@@ -153,4 +194,4 @@ class CachedStore(ExpertStore):
         mx.eval(st.pool)
         if self.identity and (st.expert_slot >= 0).all():
             self._complete.add(layer)
-        return latencies
+        return latencies, ready, len(missing) - ready - late

@@ -1,0 +1,93 @@
+"""Prefetch: predicted experts are read ahead into a staging area that never
+evicts the working set; outputs stay bit-identical to stock mlx-lm."""
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+
+import mlx_lm_odmoe
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
+from mlx_lm_odmoe.predict.base import ExpertPredictor, later_layers
+
+
+class SameAsThisLayer(ExpertPredictor):
+    """Guesses that later layers use this layer's experts (cheap, often wrong)."""
+
+    name, distance = "same", 2
+
+    def __init__(self, moe_layers, num_experts):
+        self.moe_layers, self.E = moe_layers, num_experts
+
+    def predict(self, layer, hidden, topk):
+        onehot = mx.zeros((hidden.shape[0], self.E)).at[mx.arange(hidden.shape[0])[:, None], topk].add(1.0)
+        return {l: onehot for l in later_layers(self.moe_layers, layer, self.distance)}
+
+
+class Oracle(ExpertPredictor):
+    """Knows the next token's experts (replayed from a first run)."""
+
+    name, distance = "oracle", 1
+
+    def __init__(self, moe_layers, num_experts, routes):
+        self.moe_layers, self.E, self.routes, self.step = moe_layers, num_experts, routes, {}
+
+    def predict(self, layer, hidden, topk):
+        out = {}
+        for l in later_layers(self.moe_layers, layer, 1):
+            t = self.step.get(l, 0)
+            self.step[l] = t + 1
+            scores = np.zeros((1, self.E), np.float32)
+            if t < len(self.routes[l]):
+                scores[0, self.routes[l][t]] = 1.0
+            out[l] = mx.array(scores)
+        return out
+
+
+def attach(model, predictor):
+    model.expert_runtime.predictor = predictor
+    return predictor
+
+
+def test_prefetch_keeps_outputs_bit_identical(models):
+    stock, _ = mlx_lm.load(str(models("kimi_k2", "hf")))
+    model, _ = mlx_lm_odmoe.load(models("kimi_k2", "odmoe"), expert_cache="min")
+    layout = model.expert_runtime.store.layout
+    attach(model, SameAsThisLayer(layout.moe_layers, layout.num_experts))
+    prompt = prompt_tokens(20, seed=9)
+    assert max_abs_diff(prefill_and_decode(stock, prompt, steps=8), prefill_and_decode(model, prompt, steps=8)) == 0.0
+    s = mlx_lm_odmoe.stats(model)
+    assert s["prefetched_bytes"] > 0 and s["predictor_recall"] is not None
+
+
+def test_a_perfect_predictor_turns_misses_into_hits(models):
+    folder = models("qwen2_moe", "odmoe")
+    prompt = prompt_tokens(10, seed=11)
+
+    # First run records each decode step's experts per layer.
+    plain, _ = mlx_lm_odmoe.load(folder, expert_cache="min")
+    routes = {}
+    plain.expert_runtime.observers.append(
+        lambda layer, x, idx: routes.setdefault(layer, []).append(np.unique(np.array(idx))) if x.shape[1] == 1 else None
+    )
+    prefill_and_decode(plain, prompt, steps=8)
+    base = mlx_lm_odmoe.stats(plain)
+
+    model, _ = mlx_lm_odmoe.load(folder, expert_cache="min")
+    layout = model.expert_runtime.store.layout
+    attach(model, Oracle(layout.moe_layers, layout.num_experts, routes))
+    prefill_and_decode(model, prompt, steps=8)
+    s = mlx_lm_odmoe.stats(model)
+    assert s["predictor_recall"] == 1.0
+    assert s["prefetch_hits"] > 0 and s["misses"] < base["misses"]
+    assert s["wasted_bytes"] == 0
+
+
+def test_staging_is_bounded_and_drops_count_as_waste(models):
+    model, _ = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min")
+    store = model.expert_runtime.store
+    store.max_staged = 3
+    store.prefetch(1, np.arange(8))  # 8 guesses, room for 3
+    s = store.telemetry.snapshot()
+    assert len(store._staged) == 3 and s["wasted_bytes"] == 5 * store.layout.record_nbytes
+    # Nothing resident was evicted to make room.
+    assert store.telemetry.snapshot()["evictions"] == 0
