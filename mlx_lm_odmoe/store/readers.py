@@ -60,12 +60,21 @@ def record_to_arrays(buf: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.arra
     return out
 
 
+# After reading an expert the store holds its own copy; telling the kernel
+# to drop those pages keeps the page cache from holding a second copy of
+# every expert read (which, under a memory limit, competes with the budget).
+DROP_CACHE_ENV_VAR = "MLX_LM_ODMOE_DROP_PAGE_CACHE"
+
+
 class _Files:
     """Read-only file descriptors opened on first use, shared by threads."""
 
-    def __init__(self):
+    def __init__(self, drop_cache: bool = None):
         self._fds: Dict[Path, int] = {}
         self._lock = threading.Lock()
+        if drop_cache is None:
+            drop_cache = os.environ.get(DROP_CACHE_ENV_VAR, "0") not in ("0", "", "false")
+        self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
 
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -85,6 +94,8 @@ class _Files:
             if n <= 0:
                 raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
             done += n
+        if self.drop_cache:
+            os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
 
     def close(self):
         with self._lock:
