@@ -85,3 +85,14 @@ def test_cli_help_and_errors(tmp_path):
     proc = subprocess.run(exe + ["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "nope" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_kimi_with_yarn_rope_loads_through_stock_mlx_lm(tmp_path):
+    """Real Kimi K2 configs use yarn rope scaling; the tokenizer loads and
+    the model generates through plain mlx_lm.load."""
+    config = dict(TINY_KIMI, rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 64,
+                                           "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    hf = write_hf_checkpoint(tmp_path / "hf", config, seed=6)
+    convert(hf, tmp_path / "od", progress=False)
+    model, tok = mlx_lm.load(str(tmp_path / "od"))
+    assert len(mlx_lm.generate(model, tok, prompt="def hello", max_tokens=4)) > 0

@@ -8,6 +8,19 @@ from ..runtime import ExpertRuntime
 _NON_TEXT_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector")
 
 
+def register_config(model_type: str, base):
+    """Tell transformers our model type is ``base``'s architecture, so its
+    tokenizer loading parses config.json properly (no "unknown model type"
+    warning; Kimi's yarn rope settings validate)."""
+    from transformers import AutoConfig
+
+    cls = type(f"{base.__name__}Odmoe", (base,), {"model_type": model_type})
+    try:
+        AutoConfig.register(model_type, cls, exist_ok=True)
+    except (TypeError, ValueError):  # older transformers: no exist_ok
+        pass
+
+
 def is_expert_key(key: str) -> bool:
     return ".mlp.experts." in key or ".mlp.switch_mlp." in key
 

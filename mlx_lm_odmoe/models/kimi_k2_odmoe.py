@@ -11,10 +11,14 @@ from typing import Optional
 
 import mlx.core as mx
 from mlx_lm.models import deepseek_v3
+from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
-from .common import install_on_demand_blocks, open_at_load, strip_experts
+from .common import install_on_demand_blocks, open_at_load, register_config, strip_experts
 
 _KEEP_TOP_LEVEL = ("model_type", "odmoe", "quantization")
+
+
+register_config("kimi_k2_odmoe", DeepseekV3Config)
 
 
 @dataclass

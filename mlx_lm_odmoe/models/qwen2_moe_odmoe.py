@@ -13,8 +13,12 @@ from mlx.nn.layers.distributed import shard_inplace, shard_linear, sum_gradients
 from mlx_lm.models import qwen2_moe
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.pipeline import PipelineMixin
+from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
-from .common import install_on_demand_blocks, open_at_load, strip_experts
+from .common import install_on_demand_blocks, open_at_load, register_config, strip_experts
+
+
+register_config("qwen2_moe_odmoe", Qwen2MoeConfig)
 
 
 @dataclass
