@@ -124,6 +124,11 @@ def convert(
             if quantize:
                 q = {}
                 for name, w in arrays.items():
+                    if w.shape[-1] % q_group_size:
+                        raise ValueError(
+                            f"expert {name} has {w.shape[-1]} input columns, not a multiple of "
+                            f"--q-group-size {q_group_size}; pick a group size that divides it"
+                        )
                     proj = name.rsplit(".", 1)[0]
                     q[f"{proj}.weight"], q[f"{proj}.scales"], q[f"{proj}.biases"] = mx.quantize(w, q_group_size, q_bits)
                 arrays = q

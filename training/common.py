@@ -47,13 +47,22 @@ load_balancing_loss = _load_aux_loss()
 ROUTER_LOG = []
 
 
-class RecordingSoftmaxGate(nn.Linear):
-    """qwen2_moe router (an ``nn.Linear``) that records its logits."""
+class _RecordingSoftmax:
+    """Mixin for a qwen2_moe router (``nn.Linear`` or, once shipped
+    quantized, ``nn.QuantizedLinear``) that records its logits."""
 
     def __call__(self, x):
         logits = super().__call__(x)
         ROUTER_LOG.append(("softmax", self, x, logits, None))
         return logits
+
+
+class RecordingSoftmaxGate(_RecordingSoftmax, nn.Linear):
+    pass
+
+
+class RecordingQuantizedSoftmaxGate(_RecordingSoftmax, nn.QuantizedLinear):
+    pass
 
 
 class RecordingSigmoidGate(deepseek_v3.MoEGate):
@@ -80,7 +89,8 @@ def install_router_recorders(model):
     for _, block in moe_blocks(model):
         gate = block.gate
         if isinstance(block, qwen2_moe.Qwen2MoeSparseMoeBlock):
-            gate.__class__ = RecordingSoftmaxGate
+            quantized = isinstance(gate, nn.QuantizedLinear)
+            gate.__class__ = RecordingQuantizedSoftmaxGate if quantized else RecordingSoftmaxGate
         else:
             gate.__class__ = RecordingSigmoidGate
     return model

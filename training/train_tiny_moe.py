@@ -183,7 +183,11 @@ def main():
     ap.add_argument("--minutes", type=float, default=None,
                     help="training wall-time budget; fixes the step count "
                          "from the measured speed of the first steps")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="total steps (sets the learning-rate schedule)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this many steps while keeping the schedule "
+                         "of --steps (replays a run that hit its time limit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="/work/artifacts/data")
     ap.add_argument("--out", required=True)
@@ -291,6 +295,9 @@ def main():
     while True:
         if total_steps is not None and it >= total_steps:
             break
+        if args.stop_after is not None and it >= args.stop_after:
+            stopped_early = True
+            break
         if budget is not None and total_steps is not None and time.time() - t_start > 1.15 * budget:
             stopped_early = True
             print(f"time budget exceeded, stopping at step {it}", flush=True)
@@ -370,7 +377,8 @@ def main():
         "heldout_loss": final,
         "heldout_ppl": math.exp(final),
         "unigram_ppl": math.exp(unigram),
-        "reproduce": f"--preset {args.preset} --steps {it} --seed {args.seed}",
+        "reproduce": f"--preset {args.preset} --steps {total_steps} --seed {args.seed}"
+        + (f" --stop-after {it}" if stopped_early else ""),
     })
     print(f"final: {it} steps, {tokens_seen} tokens, {wall/60:.1f} min, "
           f"held-out loss {final:.4f} (unigram {unigram:.4f})", flush=True)

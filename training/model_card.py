@@ -1,0 +1,95 @@
+"""Write a shipped model's README.md (model card) from the training log and
+the held-out statistics of the trained and of the shipped checkpoint.
+
+    python training/model_card.py --trained /work/artifacts/tiny-qwen2-moe-mlx \
+        --shipped-stats shipped-stats.json --out models/tiny-qwen2-moe
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def card(name, log, trained, shipped, quant):
+    cfg = log["config"]
+    arch = cfg["model_type"]
+    lines = [
+        f"# {name}",
+        "",
+        f"A small Mixture-of-Experts language model trained from scratch by this project, so that "
+        "expert caching and prediction can be measured on *learned* routing. It is the "
+        + ("default model of the README." if "qwen" in name else "Kimi K2 / DeepSeek-V3 architecture fixture."),
+        "",
+        "## Architecture",
+        "",
+        f"- mlx-lm `{arch}` (served here as `{'qwen2_moe_odmoe' if arch == 'qwen2_moe' else 'kimi_k2_odmoe'}`), "
+        f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
+        f"vocab {cfg['vocab_size']} (byte-level BPE)",
+    ]
+    if arch == "qwen2_moe":
+        lines.append(f"- {cfg['num_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
+                     f"{cfg['moe_intermediate_size']}, softmax routing, shared expert {cfg['shared_expert_intermediate_size']} with sigmoid gate")
+    else:
+        lines.append(f"- MLA attention (kv_lora_rank {cfg['kv_lora_rank']}, q_lora_rank {cfg['q_lora_rank']}), "
+                     f"{cfg['n_routed_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
+                     f"{cfg['moe_intermediate_size']}, sigmoid `noaux_tc` routing with `e_score_correction_bias` "
+                     f"(aux-loss-free bias updates), routed_scaling_factor {cfg['routed_scaling_factor']}, "
+                     f"{cfg['n_shared_experts']} shared expert, first {cfg['first_k_dense_replace']} layer dense")
+    lines += [
+        f"- {log['params_total'] / 1e6:.2f}M parameters, {log['params_active_per_token'] / 1e6:.2f}M active per token",
+        f"- shipped as MLX affine {quant['bits']}-bit, group {quant['group_size']}, float32 scales (fast on MLX's CPU backend), "
+        "in the sharded expert layout (`experts/`)",
+        "",
+        "## Data and training",
+        "",
+        "- Text: the Python 3.11 standard library sources and the reST sources of the Python 3.11 docs "
+        "(Debian `python3.11-doc`), both PSF-licensed; files mentioning the GPL were left out. "
+        f"{log['train_tokens_available'] / 1e6:.2f}M training tokens; held-out split by file.",
+        f"- Seed {log['seed']}, AdamW, batch {log['args']['batch_size']} x {log['args']['context']} tokens, "
+        f"load-balancing aux loss (coef {log['aux_loss_coef']})"
+        + (f", bias update rate {log['bias_update_rate']}" if log.get("bias_update_rate") else ""),
+        f"- {log['steps']} steps, {log['tokens_seen'] / 1e6:.2f}M tokens seen, "
+        f"{log['train_wall_time_s'] / 60:.1f} min on 2 CPU cores (MLX CPU backend, OpenBLAS preloaded, shared machine)",
+        f"- Reproduce: `{log['reproduce']}` (see training/README.md)",
+        "",
+        "## Held-out results",
+        "",
+        "| | loss (nats/token) | perplexity |",
+        "|---|---|---|",
+        f"| unigram baseline (same tokenizer) | {trained['unigram_baseline_loss']:.4f} | {trained['unigram_ppl']:.1f} |",
+        f"| trained, float32 | {trained['heldout_loss']:.4f} | {trained['heldout_ppl']:.1f} |",
+        f"| shipped, {quant['bits']}-bit | {shipped['heldout_loss']:.4f} | {shipped['heldout_ppl']:.1f} |",
+        "",
+        "## Routing (held-out text, shipped weights)",
+        "",
+        "Load entropy is the entropy of each layer's expert-use distribution over its maximum (1.0 = even); "
+        "overlap is |A∩B|/k of consecutive tokens' expert sets, next to the same for unrelated tokens "
+        f"(random sets: {shipped['random_set_overlap']:.3f}).",
+        "",
+        "| layer | load entropy | busiest / even share | consecutive overlap | unrelated overlap |",
+        "|---|---|---|---|---|",
+    ]
+    for l in shipped["layers"]:
+        lines.append(f"| {l['layer']} | {l['load_entropy_norm']:.3f} | {l['max_share_x_uniform']:.2f} | "
+                     f"{l['consecutive_overlap']:.3f} | {l['unrelated_overlap']:.3f} |")
+    lines += ["", "License of the weights: PSF (as the training text)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trained", required=True)
+    p.add_argument("--shipped-stats", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    trained_dir, out = Path(a.trained), Path(a.out)
+    log = json.loads((trained_dir / "train_log.json").read_text())
+    trained = json.loads((trained_dir / "stats.json").read_text())
+    shipped = json.loads(Path(a.shipped_stats).read_text())
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    (out / "README.md").write_text(card(out.name, log, trained, shipped, quant))
+    print(f"wrote {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
