@@ -85,14 +85,21 @@ def hf_weights(config: dict, seed: int = 0) -> dict:
     """HF-named float32 numpy tensors for ``config`` (random, seeded)."""
     rng = np.random.default_rng(seed)
     params = _stock_parameters(config, seed)
-    out = {}
     for k, v in params.items():
         if k.endswith("norm.weight"):
-            v = (1.0 + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+            params[k] = (1.0 + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
         elif k.endswith("mlp.gate.weight"):
-            v = rng.standard_normal(v.shape).astype(np.float32)  # sharp, varied routing
+            params[k] = rng.standard_normal(v.shape).astype(np.float32)  # sharp, varied routing
         elif k.endswith("e_score_correction_bias"):
-            v = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+            params[k] = (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+    return to_hf_names(params)
+
+
+def to_hf_names(params: dict) -> dict:
+    """mlx-lm parameter names and layouts -> Hugging Face's: stacked experts
+    split per expert, MLA's embed_q/unembed_out fused back into kv_b_proj."""
+    out = {}
+    for k, v in params.items():
         if ".switch_mlp." in k:
             prefix, rest = k.split(".switch_mlp.")
             for e in range(v.shape[0]):
@@ -106,6 +113,42 @@ def hf_weights(config: dict, seed: int = 0) -> dict:
             out[base + "kv_b_proj.weight"] = np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1]))
         else:
             out[k] = np.ascontiguousarray(v)
+    return out
+
+
+def export_hf(model_dir, out_dir) -> Path:
+    """A Hugging Face float32 checkpoint of an odmoe model folder (quantized
+    weights dequantized), with the stock model_type: the shipped trained
+    models in the format converters start from."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model
+
+    from . import load
+
+    model, _ = load(model_dir, expert_cache="100%")
+    store = model.expert_runtime.store
+    q = store.layout.quantization
+    params = {k: np.array(v) for k, v in tree_flatten(dequantize_model(model).parameters())}
+    for name, m in model.named_modules():  # MLA's per-head projections
+        if type(m).__name__ == "QuantizedMultiLinear":
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            params = {k: v for k, v in params.items() if not k.startswith(name + ".")}
+            params[f"{name}.weight"] = np.array(w)
+    for l in store.layout.moe_layers:
+        pool = store.resident_pool(l)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = pool[f"{proj}.weight"]
+            if q:
+                w = mx.dequantize(w, pool[f"{proj}.scales"], pool.get(f"{proj}.biases"), q["group_size"], q["bits"])
+            params[f"model.layers.{l}.mlp.switch_mlp.{proj}.weight"] = np.array(w.astype(mx.float32))
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["model_type"] = {"qwen2_moe_odmoe": "qwen2_moe", "kimi_k2_odmoe": "kimi_k2"}[config["model_type"]]
+    for k in ("odmoe", "quantization", "quantization_config"):
+        config.pop(k, None)
+    out = write_hf_checkpoint(out_dir, config, weights=to_hf_names(params))
+    for f in Path(model_dir).glob("tokenizer*"):  # the model's own tokenizer
+        (out / f.name).write_bytes(f.read_bytes())
     return out
 
 

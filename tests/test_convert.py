@@ -96,3 +96,19 @@ def test_kimi_with_yarn_rope_loads_through_stock_mlx_lm(tmp_path):
     convert(hf, tmp_path / "od", progress=False)
     model, tok = mlx_lm.load(str(tmp_path / "od"))
     assert len(mlx_lm.generate(model, tok, prompt="def hello", max_tokens=4)) > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-kimi"])
+def test_trained_models_exported_to_hf_convert_back_exactly(tmp_path, name):
+    """The shipped trained models, as Hugging Face checkpoints (learned
+    routing, real tokenizer): HF -> convert -> load equals stock mlx-lm
+    loading the HF checkpoint, at a budget where experts stream."""
+    from mlx_lm_odmoe.synthetic import export_hf
+
+    hf = export_hf(Path(__file__).parent.parent / "models" / name, tmp_path / "hf")
+    convert(hf, tmp_path / "od", progress=False)
+    stock, tok = mlx_lm.load(str(hf))
+    model, _ = mlx_lm_odmoe.load(tmp_path / "od", expert_cache="25%")
+    prompt = tok.encode("def parse(self, text):\n    ")
+    assert max_abs_diff(prefill_and_decode(stock, prompt), prefill_and_decode(model, prompt)) == 0.0
+    assert mlx_lm_odmoe.stats(model)["misses"] > 0
