@@ -17,6 +17,7 @@ from .budget import resolve_budget, slots_for_budget
 
 PATH_ENV_VAR = "MLX_LM_ODMOE_MODEL_PATH"
 PREDICTOR_ENV_VAR = "MLX_LM_ODMOE_PREDICTOR"
+POLICY_ENV_VAR = "MLX_LM_ODMOE_POLICY"
 
 
 def find_model_dir(settings: dict) -> Optional[Path]:
@@ -47,6 +48,10 @@ class ExpertRuntime:
         self.observers = []  # callables (layer, block input, router ids)
         self.predictor = None  # an ExpertPredictor feeding store.prefetch
         self.model_ref = None  # weakref to the model, for predictors
+        # Prefetch settings chosen by replaying traces of the trained models
+        # (benchmarks/results/predict): one layer ahead, guesses with p >= 0.1.
+        self.prefetch_distance = int(self.settings.get("prefetch_distance", 1))
+        self.prefetch_min_prob = float(self.settings.get("prefetch_min_prob", 0.1))
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)
 
@@ -91,15 +96,35 @@ class ExpertRuntime:
         layout = reader.layout
         layers = self._layers(layout)
         self.budget, slots = self._plan(layout, len(layers))
+        staging = int(self.settings.get("prefetch_staging", 4))
+        if slots < layout.num_experts and self.predictor is None:
+            self.predictor = self._load_predictor()
+        if self.predictor is not None:
+            # Prefetch staging comes out of the budget, never on top of it.
+            staging = min(staging, slots - self.top_k)
+            slots -= staging
+            if staging <= 0:
+                self.predictor = None
         interval = self.settings.get("log_interval")
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, None if interval is None else float(interval))
-        store = CachedStore(reader, slots, threads=int(self.settings.get("read_threads", 4)), telemetry=telemetry)
+        store = CachedStore(reader, slots, policy=self._policy(), threads=int(self.settings.get("read_threads", 4)),
+                            telemetry=telemetry, max_staged=max(staging, 0) * len(layers))
         if store.identity and self.settings.get("preload", True):
             store.warm(layers)
-        elif self.predictor is None:
-            self.predictor = self._load_predictor()
         self._store = store
         return store
+
+    def _policy(self):
+        """LFU with decay unless asked for LRU: on the trained models' traces
+        it beat LRU by 3-5 points of hit rate at 25% residency."""
+        from .predict.policies import LFUDecayPolicy
+        from .store import LRUPolicy
+
+        name = os.environ.get(POLICY_ENV_VAR) or self.settings.get("policy", "lfu-decay")
+        policies = {"lru": LRUPolicy, "lfu-decay": LFUDecayPolicy}
+        if name not in policies:
+            raise ValueError(f"unknown odmoe cache policy {name!r}; use one of {sorted(policies)}")
+        return policies[name]()
 
     def _load_predictor(self):
         """The model folder's shadow model, unless turned off."""

@@ -85,6 +85,7 @@ class CachedStore(ExpertStore):
         if len(missing):
             latencies, ready, read = self._load(layer, st, missing, protected=experts)
             slots = st.expert_slot[experts]
+        self._expire_staged(layer)
         # A prefetched expert whose read had finished counts as a hit: its
         # bytes were in memory when the layer needed them.
         self.telemetry.record_fetch(
@@ -107,6 +108,12 @@ class CachedStore(ExpertStore):
                 self._drop_oldest_staged()
             self._staged[key] = self._pool.submit(self._timed_read, layer, e)
             self.telemetry.record_prefetch(self.layout.record_nbytes)
+
+    def _expire_staged(self, layer):
+        """Guesses for this pass of ``layer`` that it did not use are waste."""
+        for key in [k for k in self._staged if k[0] == layer]:
+            self._staged.pop(key).cancel()
+            self.telemetry.record_wasted(self.layout.record_nbytes)
 
     def _drop_oldest_staged(self):
         _, fut = self._staged.popitem(last=False)

@@ -1,0 +1,86 @@
+"""``mlx_lm_odmoe.eval_predictors``: how well each predictor finds the experts.
+
+    mlx_lm_odmoe.eval_predictors MODEL --traces traces.npz [--json] [--plot out.png]
+
+Scores every predictor (router lookahead, previous token, most frequent and,
+when MODEL has one, the shadow model) on the evaluation sequences of the
+trace: recall of the true top-k at distances 1..d, at widths k and 2k.
+"""
+
+import argparse
+import json
+import time
+
+
+from .traces import Trace, eval_mask
+
+
+def predictors_for(model, model_dir, trace: Trace, distance: int, shadow_dir=None, split=None):
+    """The baselines plus the shadow model when one is saved. ``split`` (a
+    token mask) restricts the most-frequent counts to training tokens of the
+    kind being evaluated: held-out text and generated text use different
+    experts."""
+    from . import load_predictor
+    from .baselines import MostFrequent, PreviousToken, RouterLookahead
+
+    layers = trace.moe_layers
+    out = [
+        RouterLookahead(model, layers, distance),
+        PreviousToken(layers, trace.num_experts, distance),
+        MostFrequent.fit(trace, distance, mask=~eval_mask(trace) & (True if split is None else split)),
+    ]
+    shadow = load_predictor(model, shadow_dir or model_dir)
+    if shadow is not None:
+        shadow.distance = min(shadow.distance, distance)
+        out.append(shadow)
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="mlx_lm_odmoe.eval_predictors",
+        description="Recall of the true top-k experts at 1..d layers ahead for every expert predictor.",
+    )
+    p.add_argument("model", help="model folder the traces came from (its shadow model is used if present)")
+    p.add_argument("--traces", required=True, help="trace file (.npz) from mlx_lm_odmoe.collect")
+    p.add_argument("--distance", type=int, default=4, help="largest distance to score (default 4)")
+    p.add_argument("--split", choices=("generated", "heldout"), default="generated",
+                   help="score generated tokens (default) or teacher-forced held-out text")
+    p.add_argument("--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    p.add_argument("--plot", help="write a PNG of recall vs distance here")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import mlx_lm_odmoe
+    from .evaluate import evaluate, markdown_table, plot, time_per_token
+
+    model, _ = mlx_lm_odmoe.load(args.model, expert_cache="min")
+    trace = Trace.load(args.traces)
+    want = trace.generated if args.split == "generated" else ~trace.generated
+    predictors = predictors_for(model, args.model, trace, args.distance, args.shadow, want)
+    held = eval_mask(trace)
+    trace, positions = trace.select(held), want[held]
+    t0 = time.perf_counter()
+    results = evaluate(predictors, trace, positions)
+    for p in predictors:
+        results[p.name]["ms_per_token"] = 1e3 * time_per_token(p, trace)
+    report = {"model": str(args.model), "traces": str(args.traces), "split": args.split,
+              "tokens": int(positions.sum()), "top_k": trace.top_k, "num_experts": trace.num_experts,
+              "predictors": results}
+    if args.plot:
+        plot(results, trace.top_k, args.plot, f"{args.model.rstrip('/').split('/')[-1]}: {args.split} text")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{report['tokens']} {args.split} tokens, top-{trace.top_k} of {trace.num_experts} experts "
+              f"({time.perf_counter() - t0:.1f} s)\n")
+        print(markdown_table(results, trace.top_k))
+        print("\npredictor time per decode token (all MoE layers, median): " + ", ".join(
+            f"{n} {r['ms_per_token']:.3f} ms" for n, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()

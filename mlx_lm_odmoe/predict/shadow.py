@@ -1,0 +1,190 @@
+"""The shadow model: a small learned predictor of the next layers' experts.
+
+For a token at MoE layer L with block input x (RMS-normed, [D]) it scores
+the experts of each later MoE layer t = L+j, j = 1..d:
+
+    h        = silu(P_L x + Q_L cur + c_L)        shared by all distances, [r]
+    logits_j = H_Lj h + b_Lj                      the learned correction, [E]
+             + a_Lj * router_t(x)                 layer t's router on x
+             + p_Lj * prev_t                      the previous token's experts at t
+
+``router_t(x)`` is the router lookahead (log-softmax for softmax routers,
+sigmoid + correction bias for DeepSeek-V3 ones): free, since the router
+weights are the model's, and it carries most of the signal at distance 1.
+``prev_t`` (k-hot) adds the token-to-token stickiness of routing, and
+``cur`` (k-hot, the experts layer L itself picked) what the router's top-k
+made of x, a step the linear router prior cannot express. The heads
+start at zero and ``a`` at one, so the untrained model ranks exactly like
+the lookahead and training only has to learn how the residual stream drifts
+between L and t.
+
+Size, at Kimi K2 scale (D = 7168, E = 384, 60 MoE layers, d = 4, r = 64):
+59 source layers x (D r + E r + r) = 28.5 M for the projections, plus 230
+(layer, distance) heads x (r E + E) = 5.7 M, plus 2 scalars per head:
+34.3 M parameters, 137 MB in float32 (69 MB in bfloat16), against a 500 MB
+limit; r = 128 doubles it to 274 MB. Per token it costs d extra router
+matmuls (the model's weights) and D r + d r E multiply-adds per layer.
+"""
+
+import json
+from pathlib import Path
+from typing import List
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import ExpertPredictor, later_layers
+from .baselines import PreviousTokenState, multi_hot
+from .routers import router_prior
+
+WEIGHTS_NAME = "shadow.safetensors"
+CONFIG_NAME = "shadow.json"
+
+
+def parameter_count(hidden_size: int, num_experts: int, num_moe_layers: int, distance: int, rank: int) -> int:
+    """Parameters of a shadow model of this shape."""
+    total = 0
+    for i in range(num_moe_layers):
+        n = min(distance, num_moe_layers - 1 - i)
+        if n:
+            total += (hidden_size + num_experts + 1) * rank + n * (rank * num_experts + num_experts) + 2 * n
+    return total
+
+
+class ShadowLayer(nn.Module):
+    """The predictor from one source layer to its ``n`` later layers."""
+
+    def __init__(self, hidden_size: int, num_experts: int, n: int, rank: int):
+        super().__init__()
+        self.n, self.num_experts = n, num_experts
+        self.proj = nn.Linear(hidden_size, rank)
+        self.experts = nn.Linear(num_experts, rank, bias=False)
+        self.head = nn.Linear(rank, n * num_experts)
+        self.head.weight = mx.zeros_like(self.head.weight)
+        self.head.bias = mx.zeros_like(self.head.bias)
+        self.prior_scale = mx.ones((n,))
+        self.prev_scale = mx.zeros((n,))
+
+    def __call__(self, x, cur, prior, prev):
+        """x [N, D]; cur [N, E]; prior, prev [N, n, E] -> logits [N, n, E]."""
+        out = self.head(nn.silu(self.proj(x) + self.experts(cur))).reshape(-1, self.n, self.num_experts)
+        return out + self.prior_scale[:, None] * prior + self.prev_scale[:, None] * prev
+
+
+class ShadowNet(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        layers = config["moe_layers"]
+        n = [len(later_layers(layers, l, config["distance"])) for l in layers]
+        self.sources = [l for l, k in zip(layers, n) if k]
+        self.layers = [
+            ShadowLayer(config["hidden_size"], config["num_experts"], k, config["rank"]) for k in n if k
+        ]
+
+    def layer_for(self, source: int) -> ShadowLayer:
+        return self.layers[self.sources.index(source)]
+
+
+class ShadowModel(ExpertPredictor):
+    """:class:`ShadowNet` as an online predictor over a loaded model.
+
+    Per source layer, the later routers are fused into one matrix (when
+    that copy is small, as for the tiny models) and the whole step is one
+    compiled function, so a prediction is a handful of kernels.
+    """
+
+    name = "shadow"
+    calibrated = True  # scores are logits of a softmax over the experts
+    fuse_limit_bytes = 64 << 20
+
+    def __init__(self, model, net: ShadowNet):
+        self.model, self.net = model, net
+        self.moe_layers: List[int] = list(net.config["moe_layers"])
+        self.distance = net.config["distance"]
+        self.state = PreviousTokenState(net.config["num_experts"])
+        self._steps = {}
+        E, D = net.config["num_experts"], net.config["hidden_size"]
+        fused = sum(len(later_layers(self.moe_layers, l, self.distance)) for l in net.sources) * E * D * 4
+        self._fuse = fused <= self.fuse_limit_bytes
+
+    def predict(self, layer, hidden, topk):
+        targets = later_layers(self.moe_layers, layer, self.distance)
+        topk = topk.reshape(hidden.shape[0], -1)
+        out = {}
+        if targets:
+            n, k = topk.shape
+            prev = mx.stack([self.state.ids(t, n, k) for t in targets], axis=1)
+            logits = self._step(layer, tuple(targets))(hidden.astype(mx.float32), topk, prev)
+            out = {t: logits[:, j] for j, t in enumerate(targets)}
+        self.state.update(layer, topk)
+        return out
+
+    def _step(self, layer, targets):
+        key = (layer, targets)
+        if key not in self._steps:
+            self._steps[key] = self._build_step(layer, list(targets))
+        return self._steps[key]
+
+    def _build_step(self, layer, targets):
+        """fn(x [N, D], own ids [N, k], previous ids [N, n, k]) -> [N, n, E]."""
+        net_layer, E = self.net.layer_for(layer), self.net.config["num_experts"]
+        if not self._fuse:
+            def step(x, cur, prev):
+                prior = mx.stack([router_prior(self.model, t, x) for t in targets], axis=1)
+                return net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E))
+
+            return step
+        weight, bias, sigmoid = fused_routers(self.model, targets)
+
+        @mx.compile
+        def fast(x, cur, prev):
+            z = (x @ weight).reshape(x.shape[0], len(targets), E)
+            prior = mx.sigmoid(z) + bias if sigmoid else z - mx.logsumexp(z, axis=-1, keepdims=True)
+            return net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E))
+
+        return fast
+
+    def reset(self):
+        self.state.reset()
+
+    def nbytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.net.parameters()))
+
+
+def fused_routers(model, targets):
+    """([D, n*E] float32 router weights of ``targets``, [n, E] bias, sigmoid?)."""
+    from .routers import gate_of
+
+    ws, bs, sigmoid = [], [], False
+    for t in targets:
+        gate = gate_of(model, t)
+        if "scales" in gate:
+            w = mx.dequantize(gate.weight, gate.scales, gate.get("biases"), gate.group_size, gate.bits,
+                              mode=getattr(gate, "mode", "affine"))
+        else:
+            w = gate.weight
+        ws.append(w.astype(mx.float32))
+        sigmoid = "e_score_correction_bias" in gate
+        bs.append(gate.e_score_correction_bias if sigmoid else mx.zeros((w.shape[0],)))
+    weight, bias = mx.concatenate(ws, axis=0).T, mx.stack(bs).astype(mx.float32)
+    mx.eval(weight, bias)
+    return weight, bias, sigmoid
+
+
+def save_shadow(net: ShadowNet, folder, extra: dict = None) -> Path:
+    folder = Path(folder)
+    net.save_weights(str(folder / WEIGHTS_NAME))
+    (folder / CONFIG_NAME).write_text(json.dumps({**net.config, **(extra or {})}, indent=1))
+    return folder / WEIGHTS_NAME
+
+
+def load_shadow(model, folder) -> ShadowModel:
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    net = ShadowNet(config)
+    net.load_weights(str(folder / WEIGHTS_NAME))
+    mx.eval(net.parameters())
+    return ShadowModel(model, net)
