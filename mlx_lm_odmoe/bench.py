@@ -93,20 +93,31 @@ def _load_mlx(spec: dict):
     return mlx_lm_odmoe.load(spec["path"], expert_cache=spec["budget"])
 
 
+def _cpu_s() -> float:
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
 def _mlx_generate(model, tok, ids: List[int], n: int):
-    """Greedy, EOS banned; returns (ttft_s, decode_s, token ids)."""
+    """Greedy, EOS banned; returns (ttft_s, decode_s, decode_cpu_s, token ids)."""
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
 
     eos = sorted(tok.eos_token_ids)
-    no_eos = (lambda tokens, logits: logits.at[..., eos].add(-1e9)) if eos else None
+
+    def no_eos(tokens, logits):
+        banned = [i for i in eos if i < logits.shape[-1]]  # configs may name ids past the vocabulary
+        return logits.at[..., banned].add(-1e9) if banned else logits
+
     out, t0, t_first = [], time.perf_counter(), None
     for r in mlx_lm.stream_generate(model, tok, ids, max_tokens=n, sampler=make_sampler(0.0),
-                                    logits_processors=[no_eos] if no_eos else None):
+                                    logits_processors=[no_eos] if eos else None):
         out.append(int(r.token))
         if t_first is None:
-            t_first = time.perf_counter()
-    return t_first - t0, time.perf_counter() - t_first, out
+            t_first, c_first = time.perf_counter(), _cpu_s()
+    return t_first - t0, time.perf_counter() - t_first, _cpu_s() - c_first, out
 
 
 def _odmoe_stats(model) -> Optional[dict]:
@@ -135,8 +146,9 @@ def _run_mlx(spec: dict) -> dict:
     if spec["warmup_tokens"]:
         _mlx_generate(model, tok, spec["warmup_ids"], spec["warmup_tokens"])
     _reset_stats(model)
-    ttft, decode_s, out = _mlx_generate(model, tok, spec["prompt_ids"], spec["tokens"])
-    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "tokens": out, "stats": _odmoe_stats(model)}
+    ttft, decode_s, cpu_s, out = _mlx_generate(model, tok, spec["prompt_ids"], spec["tokens"])
+    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "decode_cpu_s": cpu_s, "tokens": out,
+            "stats": _odmoe_stats(model)}
 
 
 def _run_llamacpp(spec: dict) -> dict:
@@ -148,7 +160,7 @@ def _run_llamacpp(spec: dict) -> dict:
     llm = Llama(model_path=spec["path"], n_ctx=spec["n_ctx"], n_threads=threads, n_threads_batch=threads,
                 use_mmap=True, use_mlock=False, verbose=False, seed=0)
     load_s = time.perf_counter() - t0
-    eos = [i for i in (llm.token_eos(),) if i is not None and i >= 0]
+    eos = [i for i in (llm.token_eos(),) if i is not None and 0 <= i < llm.n_vocab()]
 
     def no_eos(_ids, scores):
         scores[eos] = -np.inf
@@ -161,15 +173,16 @@ def _run_llamacpp(spec: dict) -> dict:
         for token in llm.generate(ids, top_k=1, temp=0.0, reset=True, logits_processor=procs):
             out.append(int(token))
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first, c_first = time.perf_counter(), _cpu_s()
             if len(out) == n:
                 break
-        return t_first - t0, time.perf_counter() - t_first, out
+        return t_first - t0, time.perf_counter() - t_first, _cpu_s() - c_first, out
 
     if spec["warmup_tokens"]:
         gen(spec["warmup_ids"], spec["warmup_tokens"])
-    ttft, decode_s, out = gen(spec["prompt_ids"], spec["tokens"])
-    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "tokens": out, "stats": None}
+    ttft, decode_s, cpu_s, out = gen(spec["prompt_ids"], spec["tokens"])
+    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "decode_cpu_s": cpu_s, "tokens": out,
+            "stats": None}
 
 
 def worker(spec: dict):
@@ -266,7 +279,8 @@ def summarize(name: str, runs: List[dict], tokens: int) -> dict:
          "status": "ok" if ok else runs[-1]["status"]}
     for r in ok:
         r["decode_tok_s"] = (len(r["tokens"]) - 1) / r["decode_s"] if r["decode_s"] > 0 else None
-    for key in ("decode_tok_s", "ttft_s", "load_s", "peak_rss_bytes", "cgroup_peak_bytes", "wall_s"):
+        r["decode_cpu_ms_per_tok"] = 1e3 * r["decode_cpu_s"] / (len(r["tokens"]) - 1)
+    for key in ("decode_tok_s", "decode_cpu_ms_per_tok", "ttft_s", "load_s", "peak_rss_bytes", "cgroup_peak_bytes", "wall_s"):
         s[key] = _median(ok if key not in ("peak_rss_bytes", "cgroup_peak_bytes", "wall_s") else runs, key)
     s["oom_kills"] = sum(r.get("oom_kills") or 0 for r in runs) if any("oom_kills" in r for r in runs) else None
     stats = [r["stats"] for r in ok if r.get("stats")]
@@ -321,9 +335,9 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     for k, v in meta["facts"].items():
         lines.append(f"- {k}: {v}")
     lines.append("")
-    head = ["contender", "status", "experts resident/layer", "decode tok/s", "TTFT s", "peak RSS"]
+    head = ["contender", "status", "experts resident/layer", "decode tok/s", "TTFT s", "peak RSS", "decode CPU ms/tok"]
     if base:
-        head += ["decode vs resident", "TTFT vs resident", "RSS vs resident"]
+        head += ["decode vs resident", "TTFT vs resident", "RSS vs resident", "CPU/tok vs resident"]
     if meta.get("cgroup"):
         head += ["cgroup peak", "OOM kills"]
         if llama:
@@ -334,11 +348,12 @@ def markdown(meta: dict, rows: List[dict]) -> str:
         res = f"{r['slots_per_layer']}/{r['num_experts']} ({r['residency']:.0%})" if r.get("residency") else \
             ("all" if r["kind"] in ("stock", "resident", "llamacpp") else "")
         cells = [r["name"], r["status"], res, _f(r.get("decode_tok_s")), _f(r.get("ttft_s"), "{:.3f}"),
-                 _gb(r.get("peak_rss_bytes"))]
+                 _gb(r.get("peak_rss_bytes")), _f(r.get("decode_cpu_ms_per_tok"), "{:.2f}")]
         if base:
             cells += [_f(_ratio(r.get("decode_tok_s"), base.get("decode_tok_s")), "{:.3f}x"),
                       _f(_ratio(r.get("ttft_s"), base.get("ttft_s")), "{:.3f}x"),
-                      _f(_ratio(r.get("peak_rss_bytes"), base.get("peak_rss_bytes")), "{:.3f}x")]
+                      _f(_ratio(r.get("peak_rss_bytes"), base.get("peak_rss_bytes")), "{:.3f}x"),
+                      _f(_ratio(r.get("decode_cpu_ms_per_tok"), base.get("decode_cpu_ms_per_tok")), "{:.3f}x")]
         if meta.get("cgroup"):
             cells += [_gb(r.get("cgroup_peak_bytes")), _f(r.get("oom_kills"), "{}")]
             if llama:
@@ -408,7 +423,7 @@ def main(argv=None):
     p.add_argument("--stock", help="Stock mlx-lm checkpoint of the same model: the all-resident baseline "
                    "(default: the odmoe folder's experts in a MemoryStore).")
     p.add_argument("--gguf", help="GGUF of the same model: adds llama.cpp (llama-cpp-python, mmap) as a contender.")
-    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"Comma-separated odmoe budgets. Default: {DEFAULT_BUDGETS}")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="Comma-separated odmoe budgets. Default: " + DEFAULT_BUDGETS.replace("%", "%%"))
     p.add_argument("--tokens", type=int, default=128, help="Tokens per measured run. Default: 128")
     p.add_argument("--reps", type=int, default=3, help="Interleaved repetitions. Default: 3")
     p.add_argument("--warmup-tokens", type=int, default=4, help="Tokens decoded before each measured run. Default: 4")
@@ -483,6 +498,8 @@ def main(argv=None):
     if cgroup_limit:
         facts["memory cgroup limit"] = f"{_gb(cgroup_limit)} ({cgroup_limit / model_bytes:.0%} of the model's {_gb(model_bytes)})"
     notes = ["Decode tok/s counts the tokens after the first; TTFT is prompt processing plus the first token. "
+             "Decode CPU ms/tok is the process's user+system CPU time per decoded token (all threads): "
+             "less sensitive than wall time to other programs competing for the cores, blind to waiting on disk. "
              "Peak RSS is the contender process's ru_maxrss (load included). Hit rate, bytes read and fetch "
              "latency cover the measured run only (after warm-up)."]
     meta = {"title": args.title or f"odmoe residency benchmark: {model.name}", "facts": facts,

@@ -28,6 +28,7 @@ class OnDemandSwitchGLU(nn.Module):
         # load_weights sees nothing of the experts.
         object.__setattr__(self, "_runtime", runtime)
         object.__setattr__(self, "_kernel", None)
+        object.__setattr__(self, "_bound", None)
         self.layer = layer
         self.dims = (input_dims, hidden_dims, num_experts)
         # Parameter-free stand-ins for SwitchGLU's projections, so code that
@@ -48,18 +49,27 @@ class OnDemandSwitchGLU(nn.Module):
             object.__setattr__(self, "_kernel", glu)
         return self._kernel
 
-    def _run(self, store, pool, x, indices):
-        glu = self._get_kernel(store)
+    def _bind(self, glu, pool):
         for name, arr in pool.items():
             proj, part = name.split(".")
             getattr(glu, proj)[part] = arr
+
+    def _run(self, store, pool, x, indices, keep=False):
+        glu = self._get_kernel(store)
+        if keep:  # a complete pool never changes: bind it once
+            if self._bound is not pool:
+                self._bind(glu, pool)
+                object.__setattr__(self, "_bound", pool)
+            return glu(x, indices)
+        object.__setattr__(self, "_bound", None)
+        self._bind(glu, pool)
         try:
             return glu(x, indices)
         finally:
             # Drop references so the store can update its pool in place.
-            for name in pool:
-                proj, part = name.split(".")
-                getattr(glu, proj).pop(part, None)
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                for part in _PARTS:
+                    getattr(glu, proj).pop(part, None)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         store = self._runtime.store
@@ -68,7 +78,7 @@ class OnDemandSwitchGLU(nn.Module):
         pool = store.resident_pool(self.layer)
         if pool is not None:
             store.telemetry.record_routes_lazy(self.layer, indices)
-            return self._run(store, pool, x, indices)
+            return self._run(store, pool, x, indices, keep=True)
 
         predictor = self._runtime.predictor
         guesses = self._predict(predictor, x, indices) if predictor is not None else {}

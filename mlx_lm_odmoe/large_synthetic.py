@@ -56,8 +56,13 @@ def load_preset(name: Optional[str] = None, config_path: Optional[str] = None) -
     return text_config(json.loads(path.read_text()))
 
 
-def shrink(config: dict, layers: Optional[int]) -> dict:
+def shrink(config: dict, layers: Optional[int] = None, vocab_size: Optional[int] = None) -> dict:
     config = dict(config, torch_dtype="float32")
+    if vocab_size:
+        config["vocab_size"] = int(vocab_size)
+    for k in ("bos_token_id", "eos_token_id"):  # the written tokenizer's <|endoftext|> is id 0
+        if isinstance(config.get(k), int) and config[k] >= config["vocab_size"]:
+            config[k] = 0
     for k in ("quantization_config", "quantization", "num_nextn_predict_layers"):
         config.pop(k, None)
     if layers:
@@ -390,6 +395,8 @@ def main(argv=None):
     src.add_argument("--config", help="A Hugging Face config.json (qwen2_moe, deepseek_v3, kimi_k2) to take shapes from.")
     p.add_argument("--out", required=True, help="Output model folder (sharded layout).")
     p.add_argument("--layers", type=int, help="Keep only the first N decoder layers (smaller, faster runs).")
+    p.add_argument("--vocab-size", type=int, help="Override the vocabulary size (a big embedding and lm_head "
+                   "dominate decode on slow CPUs and hide the experts' cost).")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--seed", type=int, default=0)
@@ -400,7 +407,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    config = shrink(load_preset(args.preset, args.config), args.layers)
+    config = shrink(load_preset(args.preset, args.config), args.layers, args.vocab_size)
     est = estimate_nbytes(config, args.bits, args.group_size)
     print(f"{config['num_hidden_layers']} layers, {_num_experts(config)} experts per MoE layer: "
           f"~{est['experts'] / 1e9:.2f} GB of experts, ~{est['resident'] / 1e9:.2f} GB resident", flush=True)

@@ -81,7 +81,9 @@ class Telemetry:
         del self._pending[: len(todo)]
         for layer, idx in todo:
             ids = np.array(idx)
-            self.record_routes(layer, ids, hits=len(np.unique(ids)))
+            # One token's top-k are distinct experts: no need to sort them.
+            hits = ids.size if ids.size == ids.shape[-1] else len(np.unique(ids))
+            self.record_routes(layer, ids, hits=hits)
 
     def record_fetch(self, layer: int, hits: int, misses: int, nbytes: int, latencies):
         row = self._row[layer]
