@@ -195,10 +195,12 @@ class CachedStore(ExpertStore):
             for name, a in record_to_arrays(buf, self.layout).items():
                 # In place: the pool is donated to the update.
                 st.pool[name][slot] = a
+            # One expert at a time: copies overlap the remaining reads and
+            # at most one record's arrays exist besides the pool.
+            mx.eval(st.pool)
             if self.identity:
                 st.expert_slot[e] = e
                 st.slot_expert[e] = e
-        mx.eval(st.pool)
         if self.identity and (st.expert_slot >= 0).all():
             self._complete.add(layer)
         return latencies, ready, len(missing) - ready - late
