@@ -22,7 +22,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 CONTENDERS = {
     "lru": {"policy": "lru", "predictor": "off"},
     "lfu": {"policy": "lfu-decay", "predictor": "off"},
-    "lfu+prefetch": {"policy": "lfu-decay"},
+    "lfu+prefetch": {"policy": "lfu-decay", "predictor": "on"},
 }
 
 

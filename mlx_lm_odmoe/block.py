@@ -92,7 +92,11 @@ class OnDemandSwitchGLU(nn.Module):
             self._prefetch(store, guesses)  # reads overlap this layer's compute
             remap = np.zeros(store.layout.num_experts, dtype=np.int32)
             remap[experts] = slots
-            return self._run(store, pool, x, mx.array(remap[ids]))
+            y = self._run(store, pool, x, mx.array(remap[ids]))
+            # Start the experts now: they compute while Python builds the
+            # rest of the layer and the next one up to its router's sync.
+            mx.async_eval(y)
+            return y
         return self._expert_major(store, x, ids, experts)
 
     def _predict(self, predictor, x, indices):

@@ -52,6 +52,7 @@ class ExpertRuntime:
         # (benchmarks/results/predict): one layer ahead, guesses with p >= 0.1.
         self.prefetch_distance = int(self.settings.get("prefetch_distance", 1))
         self.prefetch_min_prob = float(self.settings.get("prefetch_min_prob", 0.1))
+        self.prefetch_state = "off"  # why prediction is or is not running
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)
 
@@ -98,7 +99,7 @@ class ExpertRuntime:
         self.budget, slots = self._plan(layout, len(layers))
         staging = int(self.settings.get("prefetch_staging", 4))
         if slots < layout.num_experts and self.predictor is None:
-            self.predictor = self._load_predictor()
+            self.predictor = self._load_predictor(reader)
         if self.predictor is not None:
             # Prefetch staging comes out of the budget, never on top of it.
             staging = min(staging, slots - self.top_k)
@@ -126,16 +127,39 @@ class ExpertRuntime:
             raise ValueError(f"unknown odmoe cache policy {name!r}; use one of {sorted(policies)}")
         return policies[name]()
 
-    def _load_predictor(self):
-        """The model folder's shadow model, unless turned off."""
+    def _load_predictor(self, reader):
+        """The model folder's shadow model: ``on``, ``off``, or ``auto``
+        (the default), which uses it only when reads are slow enough for
+        prefetching to pay for the prediction."""
         choice = os.environ.get(PREDICTOR_ENV_VAR) or self.settings.get("predictor", "auto")
+        if choice not in ("auto", "on", "off"):
+            raise ValueError(f"unknown odmoe predictor setting {choice!r}; use 'auto', 'on' or 'off'")
         model = self.model_ref() if self.model_ref else None
         if choice == "off" or model is None:
+            self.prefetch_state = "off"
             return None
-        from . import predict
+        from .predict import load_predictor
+        from .store.readers import probe_read_seconds
 
-        load = getattr(predict, "load_predictor", None)
-        return load(model, self.model_dir) if load else None
+        predictor = load_predictor(model, self.model_dir)
+        if predictor is None:
+            if choice == "on":
+                raise FileNotFoundError(
+                    f"{self.model_dir}: predictor 'on' but no shadow.safetensors/shadow.json here; "
+                    "train one with mlx_lm_odmoe.train_shadow"
+                )
+            self.prefetch_state = "off (no shadow model)"
+            return None
+        if choice == "auto":
+            # Experts that arrive in microseconds (page cache, small experts)
+            # leave no read time to hide: prediction would only cost time.
+            t = probe_read_seconds(reader)
+            floor = float(self.settings.get("prefetch_min_read_ms", 0.5)) / 1e3
+            if t < floor:
+                self.prefetch_state = f"off (reads take {t * 1e3:.2f} ms < {floor * 1e3:g} ms)"
+                return None
+        self.prefetch_state = "on"
+        return predictor
 
     def _layers(self, layout):
         active = self.active_layers() if self.active_layers else None
@@ -197,6 +221,7 @@ class ExpertRuntime:
             resident_bytes=store.resident_nbytes(),
             slots_per_layer=store.capacity(store.layout.moe_layers[0]),
             num_experts=store.layout.num_experts,
+            prefetch=self.prefetch_state,
             expert_nbytes=store.layout.record_nbytes,
         )
         return snap

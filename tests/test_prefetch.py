@@ -91,3 +91,38 @@ def test_staging_is_bounded_and_drops_count_as_waste(models):
     assert len(store._staged) == 3 and s["wasted_bytes"] == 5 * store.layout.record_nbytes
     # Nothing resident was evicted to make room.
     assert store.telemetry.snapshot()["evictions"] == 0
+
+
+SHIPPED = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "tiny-qwen2-moe"
+
+
+def load_shipped(**odmoe):
+    return mlx_lm_odmoe.load(SHIPPED, expert_cache="25%", model_config={"odmoe": odmoe})[0]
+
+
+def test_auto_prediction_stays_off_when_experts_arrive_from_memory():
+    # The shipped model's experts (50 KB each) come from the page cache in
+    # microseconds: prediction could only add time, so `auto` skips it...
+    for f in (SHIPPED / "experts").iterdir():
+        f.read_bytes()  # into the page cache, as after any first use
+    model = load_shipped()
+    assert model.expert_runtime.predictor is None
+    assert mlx_lm_odmoe.stats(model)["prefetch"].startswith("off (reads take")
+    # ...unless reads are slower than the floor.
+    model = load_shipped(prefetch_min_read_ms=0)
+    assert model.expert_runtime.predictor is not None
+    assert mlx_lm_odmoe.stats(model)["prefetch"] == "on"
+
+
+def test_prediction_on_and_off_are_obeyed():
+    assert load_shipped(predictor="on").expert_runtime.predictor is not None
+    assert load_shipped(predictor="off").expert_runtime.predictor is None
+
+
+def test_bad_predictor_settings_are_clear_errors(models):
+    import pytest
+
+    with pytest.raises(ValueError, match="predictor setting 'sometimes'"):
+        load_shipped(predictor="sometimes")
+    with pytest.raises(FileNotFoundError, match="no shadow.safetensors.*train_shadow"):
+        mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min", model_config={"odmoe": {"predictor": "on"}})

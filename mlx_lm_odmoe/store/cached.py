@@ -12,7 +12,7 @@ from ..layout import ExpertLayout
 from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
-from .readers import ExpertReader, record_to_arrays
+from .readers import ExpertReader, records_to_arrays
 
 
 class _LayerSlots:
@@ -51,6 +51,7 @@ class CachedStore(ExpertStore):
         threads: int = 4,
         telemetry: Optional[Telemetry] = None,
         max_staged: int = 64,
+        eval_bytes: int = 64 << 20,
     ):
         self.reader = reader
         self.layout = reader.layout
@@ -67,6 +68,9 @@ class CachedStore(ExpertStore):
         # asks for them: speculation never evicts a resident expert.
         self._staged: "OrderedDict[tuple, object]" = OrderedDict()
         self.max_staged = max_staged
+        self.eval_bytes = eval_bytes
+        self.inline_read_s = 200e-6
+        self._read_ema = 0.0
 
     # -- interface ---------------------------------------------------------
     def capacity(self, layer):
@@ -128,6 +132,7 @@ class CachedStore(ExpertStore):
             missing = want[st.expert_slot[want] < 0]
             if len(missing):
                 lat, _, _ = self._load(l, st, missing, protected=want)
+                mx.eval(st.pool)
                 # Preloading is not demand: count the bytes, not misses.
                 self.telemetry.record_fetch(l, 0, 0, len(missing) * self.layout.record_nbytes, lat)
             if progress is not None:
@@ -171,36 +176,60 @@ class CachedStore(ExpertStore):
         self.policy.insert(layer, expert)
         return slot
 
+    def _install(self, layer, st: _LayerSlots, batch, protected):
+        """Copy read records into slots: one scatter per tensor per batch."""
+        slots = [self._claim_slot(layer, st, e, protected) for e, _ in batch]
+        records = np.stack([buf for _, buf in batch])
+        where = mx.array(np.array(slots, dtype=np.int32))
+        for name, a in records_to_arrays(records, self.layout).items():
+            # In place: the pool is donated to the update.
+            st.pool[name][where] = a
+        if self.identity:
+            for e, _ in batch:
+                st.expert_slot[e] = st.slot_expert[e] = e
+
     def _load(self, layer, st: _LayerSlots, missing: np.ndarray, protected):
         """Read ``missing`` into slots; return (latencies, prefetched reads
-        already done, reads issued now)."""
-        futures, ready, late = [], 0, 0
-        for e in missing:
-            fut = self._staged.pop((layer, int(e)), None)
+        already done, reads issued now).
+
+        One read happens on this thread while the pool does the rest: the
+        common case of a single page-cached miss then costs no thread
+        hand-off. Records are copied into the pool in batches of up to
+        ``eval_bytes``; the last batch's copy stays lazy and runs with the
+        layer's own compute, in the same sync.
+        """
+        jobs, inline, ready, late = [], [], 0, 0
+        # Reads served from memory (page cache) in well under a hand-off's
+        # cost all run here; slower ones go to the pool, all but one.
+        fast = self._read_ema < self.inline_read_s
+        for e in (int(e) for e in missing):
+            fut = self._staged.pop((layer, e), None)
+            if fut is None and (fast or not inline):
+                inline.append((e, None))
+                continue
             if fut is None:
-                fut = self._pool.submit(self._timed_read, layer, int(e))
+                fut = self._pool.submit(self._timed_read, layer, e)
             elif fut.done():
                 ready += 1
             else:
                 late += 1
-            futures.append((int(e), fut))
+            jobs.append((e, fut))
         if ready + late:
             self.telemetry.record_prefetch_hits(ready + late)
+        jobs = inline + jobs
         protected = [int(e) for e in protected]
-        latencies = []
-        for e, fut in futures:
-            buf, dt = fut.result()
+        latencies, batch = [], []
+        per_batch = max(1, self.eval_bytes // self.layout.record_nbytes)
+        for i, (e, fut) in enumerate(jobs):
+            buf, dt = self._timed_read(layer, e) if fut is None else fut.result()
             latencies.append(dt)
-            slot = self._claim_slot(layer, st, e, protected)
-            for name, a in record_to_arrays(buf, self.layout).items():
-                # In place: the pool is donated to the update.
-                st.pool[name][slot] = a
-            # One expert at a time: copies overlap the remaining reads and
-            # at most one record's arrays exist besides the pool.
-            mx.eval(st.pool)
-            if self.identity:
-                st.expert_slot[e] = e
-                st.slot_expert[e] = e
+            self._read_ema += 0.1 * (dt - self._read_ema)
+            batch.append((e, buf))
+            if len(batch) == per_batch or i == len(jobs) - 1:
+                self._install(layer, st, batch, protected)
+                if i < len(jobs) - 1:
+                    mx.eval(st.pool)  # bound the records waiting to be copied
+                batch = []
         if self.identity and (st.expert_slot >= 0).all():
             self._complete.add(layer)
         return latencies, ready, len(missing) - ready - late
