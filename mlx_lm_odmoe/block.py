@@ -100,24 +100,13 @@ class OnDemandSwitchGLU(nn.Module):
         return self._expert_major(store, x, ids, experts)
 
     def _predict(self, predictor, x, indices):
-        """Top-k guesses for the next layers from each row's newest token."""
+        """Guesses for the next layers from each row's newest token."""
         rt = self._runtime
         if x.shape[1] != 1:  # prefill runs expert-major; a new prompt resets state
             if self.layer == rt.store.layout.moe_layers[0]:
                 predictor.reset()
             return {}
-        k = indices.shape[-1]
-        scores = predictor.predict(self.layer, x[:, -1], indices[:, -1])
-        guesses = {}
-        for target in sorted(scores)[: rt.prefetch_distance]:
-            s = scores[target]
-            ids = mx.argpartition(-s, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-            if getattr(predictor, "calibrated", False) and rt.prefetch_min_prob > 0:
-                # A guess that is likely wrong costs a read and a staging slot.
-                p = mx.take_along_axis(mx.softmax(s, axis=-1), ids, axis=-1)
-                ids = mx.where(p >= rt.prefetch_min_prob, ids, -1)
-            guesses[target] = ids
-        return guesses
+        return predictor.guesses(self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob)
 
     @staticmethod
     def _prefetch(store, guesses):

@@ -21,9 +21,20 @@ class ExpertPredictor:
 
     name = "predictor"
     distance = 1
+    calibrated = False  # scores are logits of a softmax over the experts
 
     def predict(self, layer: int, hidden: mx.array, topk: mx.array) -> Dict[int, mx.array]:
         raise NotImplementedError
+
+    def guesses(self, layer: int, hidden: mx.array, topk: mx.array, distance: int,
+                min_prob: float = 0.0) -> Dict[int, mx.array]:
+        """What to read ahead: ``{later layer: [N, k] int32 ids}`` for up to
+        ``distance`` layers, each row's top-k scores; a calibrated predictor
+        drops guesses with probability below ``min_prob`` (id -1)."""
+        scores = self.predict(layer, hidden, topk)
+        k = topk.shape[-1]
+        p = min_prob if self.calibrated else 0.0
+        return {t: select_guesses(scores[t], k, p) for t in sorted(scores)[:distance]}
 
     def reset(self) -> None:
         pass
@@ -33,3 +44,13 @@ def later_layers(moe_layers: List[int], layer: int, distance: int) -> List[int]:
     """The ``distance`` MoE layers after ``layer``."""
     i = moe_layers.index(layer)
     return moe_layers[i + 1 : i + 1 + distance]
+
+
+def select_guesses(scores: mx.array, k: int, min_prob: float = 0.0) -> mx.array:
+    """Each row's top-k ids of ``scores`` [N, E]; -1 where softmax < min_prob."""
+    ids = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    if min_prob > 0:
+        # A guess that is likely wrong costs a read and a staging slot.
+        p = mx.take_along_axis(mx.softmax(scores, axis=-1), ids, axis=-1)
+        ids = mx.where(p >= min_prob, ids, -1)
+    return ids

@@ -33,7 +33,7 @@ from typing import List
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import ExpertPredictor, later_layers
+from .base import ExpertPredictor, later_layers, select_guesses
 from .baselines import PreviousTokenState, multi_hot
 from .routers import router_prior
 
@@ -66,9 +66,13 @@ class ShadowLayer(nn.Module):
         self.prev_scale = mx.zeros((n,))
 
     def __call__(self, x, cur, prior, prev):
-        """x [N, D]; cur [N, E]; prior, prev [N, n, E] -> logits [N, n, E]."""
-        out = self.head(nn.silu(self.proj(x) + self.experts(cur))).reshape(-1, self.n, self.num_experts)
-        return out + self.prior_scale[:, None] * prior + self.prev_scale[:, None] * prev
+        """x [N, D]; cur [N, E]; prior, prev [N, m, E] -> logits [N, m, E]
+        for the first m <= n later layers (online prefetch needs only the
+        nearest, so the head is cut to what is asked)."""
+        m, E = prior.shape[1], self.num_experts
+        h = nn.silu(self.proj(x) + self.experts(cur))
+        out = mx.addmm(self.head.bias[: m * E], h, self.head.weight[: m * E].T).reshape(-1, m, E)
+        return out + self.prior_scale[:m, None] * prior + self.prev_scale[:m, None] * prev
 
 
 class ShadowNet(nn.Module):
@@ -109,39 +113,65 @@ class ShadowModel(ExpertPredictor):
         self._fuse = fused <= self.fuse_limit_bytes
 
     def predict(self, layer, hidden, topk):
-        targets = later_layers(self.moe_layers, layer, self.distance)
+        return self._run(layer, hidden, topk, self.distance, None)
+
+    def guesses(self, layer, hidden, topk, distance, min_prob=0.0):
+        """As the base class, but scoring only the ``distance`` nearest
+        layers and choosing the guesses inside the same compiled step."""
+        return self._run(layer, hidden, topk, min(distance, self.distance), min_prob)
+
+    def _run(self, layer, hidden, topk, distance, select):
+        targets = later_layers(self.moe_layers, layer, distance)
         topk = topk.reshape(hidden.shape[0], -1)
         out = {}
         if targets:
             n, k = topk.shape
             prev = mx.stack([self.state.ids(t, n, k) for t in targets], axis=1)
-            logits = self._step(layer, tuple(targets))(hidden.astype(mx.float32), topk, prev)
-            out = {t: logits[:, j] for j, t in enumerate(targets)}
+            res = self._step(layer, tuple(targets), select)(hidden.astype(mx.float32), topk, prev)
+            out = {t: res[:, j] for j, t in enumerate(targets)}
         self.state.update(layer, topk)
         return out
 
-    def _step(self, layer, targets):
-        key = (layer, targets)
+    def _step(self, layer, targets, select):
+        key = (layer, targets, select)
         if key not in self._steps:
-            self._steps[key] = self._build_step(layer, list(targets))
+            self._steps[key] = self._build_step(layer, list(targets), select)
         return self._steps[key]
 
-    def _build_step(self, layer, targets):
-        """fn(x [N, D], own ids [N, k], previous ids [N, n, k]) -> [N, n, E]."""
+    def _build_step(self, layer, targets, select=None):
+        """fn(x [N, D], own ids [N, k], previous ids [N, n, k]) -> logits
+        [N, n, E], or with ``select`` (a min probability) guesses [N, n, k]."""
         net_layer, E = self.net.layer_for(layer), self.net.config["num_experts"]
+
+        def finish(logits, k):
+            return logits if select is None else select_guesses(logits, k, select)
+
         if not self._fuse:
             def step(x, cur, prev):
                 prior = mx.stack([router_prior(self.model, t, x) for t in targets], axis=1)
-                return net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E))
+                return finish(net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E)), cur.shape[-1])
 
             return step
         weight, bias, sigmoid = fused_routers(self.model, targets)
+        # Inference only: the layer's weights are folded in once. One matmul
+        # serves the low-rank projection and every target's router, and the
+        # own-experts term is a gather of k rows instead of a multi-hot
+        # product (router picks are distinct), so a step is a few kernels.
+        m, r = len(targets), net_layer.proj.weight.shape[0]
+        wx = mx.concatenate([net_layer.proj.weight.T, weight], axis=1)
+        proj_b, emb = net_layer.proj.bias, net_layer.experts.weight.T
+        head_w, head_b = net_layer.head.weight[: m * E].T, net_layer.head.bias[: m * E]
+        a, p = net_layer.prior_scale[:m, None], net_layer.prev_scale[:m, None]
+        mx.eval(wx, head_w, head_b)
 
         @mx.compile
         def fast(x, cur, prev):
-            z = (x @ weight).reshape(x.shape[0], len(targets), E)
+            z = x @ wx
+            h = nn.silu(z[:, :r] + proj_b + emb[cur].sum(axis=-2))
+            z = z[:, r:].reshape(x.shape[0], m, E)
             prior = mx.sigmoid(z) + bias if sigmoid else z - mx.logsumexp(z, axis=-1, keepdims=True)
-            return net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E))
+            out = mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E) + a * prior + p * multi_hot(prev, E)
+            return finish(out, cur.shape[-1])
 
         return fast
 
