@@ -6,7 +6,9 @@ For each model, in one process and interleaved rounds, the same greedy
 generation (identical tokens, since outputs are exact) runs with:
   lru            LRU, no prediction
   lfu            LFU with decay (the default policy), no prediction
-  lfu+prefetch   LFU, shadow model prefetching one layer ahead (the default)
+  lfu+prefetch   LFU, shadow model prefetching one layer ahead (predictor
+                 "on": the default "auto" leaves it off when experts come
+                 from the page cache as fast as here)
 and reports hit rate, its lift over LRU, wasted/miss bytes, decode tok/s and
 the predictor's share of decode time (its per-token cost, timed alone over
 every MoE layer, against the decode time per token).
@@ -50,18 +52,25 @@ def run(model_dir, settings, budget, tokens):
 
 
 def predictor_ms(model, reps=50):
-    """Per-token cost of the predictor: one call per MoE layer, evaluated."""
+    """Per-token cost of the predictor as the block runs it: the guesses of
+    every MoE layer for the prefetch distance. In the block they are
+    evaluated in the router's own sync, so one eval per token here."""
     import mlx.core as mx
 
     rt = model.expert_runtime
     layers, k = rt.store.layout.moe_layers, rt.top_k
     D = model.args.hidden_size
     x, ids = mx.random.normal((1, D)), mx.arange(k, dtype=mx.uint32)[None]
+
+    def token():
+        return [list(rt.predictor.guesses(l, x, ids, rt.prefetch_distance, rt.prefetch_min_prob).values())
+                for l in layers]
+
     for _ in range(3):
-        mx.eval([list(rt.predictor.predict(l, x, ids).values()) for l in layers])
+        mx.eval(token())
     t0 = time.perf_counter()
     for _ in range(reps):
-        mx.eval([list(rt.predictor.predict(l, x, ids).values()) for l in layers])
+        mx.eval(token())
     return (time.perf_counter() - t0) / reps * 1e3
 
 
