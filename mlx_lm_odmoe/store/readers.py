@@ -51,16 +51,14 @@ class ExpertReader:
 
 def records_to_arrays(records: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.array]:
     """[m, record_nbytes] uint8 -> {tensor name: [m, *shape] array}."""
-    # One host-to-array copy; the per-tensor slices and dtype views are lazy
-    # device ops, cheaper than one conversion per tensor.
+    # Split on the host (numpy views, free) and convert each tensor: on CPU
+    # a device-side slice and view per tensor costs more than the copies.
     m = records.shape[0]
-    raw = mx.array(records)
     out = {}
     for t in layout.tensors:
-        a = raw[:, t.offset : t.offset + t.nbytes].view(_MX[t.dtype])
-        out[t.name] = a.reshape((m,) + tuple(t.shape))
+        a = mx.array(records[:, t.offset : t.offset + t.nbytes].view(t.np_dtype).reshape((m,) + tuple(t.shape)))
+        out[t.name] = a.view(mx.bfloat16) if t.dtype == "BF16" else a
     return out
-
 
 _MX = {k: getattr(mx, v[1]) for k, v in DTYPES.items()}
 
