@@ -21,6 +21,13 @@ from mlx_lm.models.switch_layers import SwitchGLU
 _PARTS = ("weight", "scales", "biases")
 
 
+def _distinct(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct ids; a decode step's handful without numpy's sort."""
+    if ids.size <= 64:
+        return np.array(sorted(set(ids.ravel().tolist())), dtype=ids.dtype)
+    return np.unique(ids)
+
+
 class OnDemandSwitchGLU(nn.Module):
     def __init__(self, runtime, layer: int, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -84,7 +91,7 @@ class OnDemandSwitchGLU(nn.Module):
         guesses = self._predict(predictor, x, indices) if predictor is not None else {}
         mx.eval(indices, *guesses.values())  # the one host sync per layer
         ids = np.array(indices)
-        experts = np.unique(ids)
+        experts = _distinct(ids)
         store.telemetry.record_routes(self.layer, ids)
         store.telemetry.score_prediction(self.layer, experts)
         if len(experts) <= store.capacity(self.layer):
