@@ -125,6 +125,32 @@ def test_quantized_router_and_fused_shadow_agree(models, traced, tmp_path):
     assert all(mx.allclose(a[t], b[t], atol=1e-4).item() for t in a)
 
 
+def test_online_guesses_are_the_top_k_of_the_scores(traced, tmp_path):
+    """What the block prefetches (the shadow model's own compiled guesses for
+    the nearest layer) is each row's top-k of its scores, minus guesses
+    below the probability floor."""
+    from mlx_lm_odmoe.predict.base import select_guesses
+
+    folder, model, _, trace = traced("kimi_k2")
+    net, _ = train(model, trace, distance=2, rank=8, epochs=1, batch=32, log=lambda *a: None)
+    save_shadow(net, tmp_path)
+    shadow = load_predictor(model, tmp_path)
+    layers, k = trace.moe_layers, trace.top_k
+    x, ids = mx.array(trace.hidden[0, :6]), mx.array(trace.topk[0, :6])
+    shadow.reset()
+    s = shadow.predict(layers[0], x, ids)[layers[1]]
+    top = mx.sort(mx.softmax(s, axis=-1), axis=-1)[:, -k:]
+    for floor in (0.0, float(np.median(np.array(top)))):  # the second keeps about half
+        shadow.reset()
+        scores = shadow.predict(layers[0], x, ids)
+        shadow.reset()
+        guesses = shadow.guesses(layers[0], x, ids, distance=1, min_prob=floor)
+        assert list(guesses) == [layers[1]]
+        want = np.sort(np.array(select_guesses(scores[layers[1]], k, floor)), -1)
+        assert (np.sort(np.array(guesses[layers[1]]), -1) == want).all()
+    assert (want == -1).any() and (want >= 0).any()  # the floor dropped some, kept some
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_predictor_scores_the_later_layers(traced, kind, tmp_path):
     folder, model, _, trace = traced(kind)
