@@ -1,7 +1,8 @@
 """A byte-budgeted expert cache over a reader."""
 
+import itertools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional
 
@@ -51,7 +52,7 @@ class CachedStore(ExpertStore):
         threads: int = 4,
         telemetry: Optional[Telemetry] = None,
         max_staged: int = 64,
-        eval_bytes: int = 64 << 20,
+        eval_bytes: int = 16 << 20,
     ):
         self.reader = reader
         self.layout = reader.layout
@@ -63,6 +64,7 @@ class CachedStore(ExpertStore):
         self.telemetry = telemetry or Telemetry(self.layout.moe_layers, self.layout.num_experts)
         self._layers: Dict[int, _LayerSlots] = {}
         self._complete = set()
+        self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="odmoe-read")
         # Prefetched records wait here, outside the pools, until their layer
         # asks for them: speculation never evicts a resident expert.
@@ -176,6 +178,29 @@ class CachedStore(ExpertStore):
         self.policy.insert(layer, expert)
         return slot
 
+    def _reads(self, layer, experts, window):
+        """(expert, buffer, seconds) for each of ``experts``, in order.
+
+        Reads that come from memory (page cache) in well under a thread
+        hand-off's cost all run on this thread. Slower ones go to the pool,
+        at most ``window`` ahead, while this thread reads the first.
+        """
+        if not experts:
+            return
+        if self._read_ema < self.inline_read_s:
+            for e in experts:
+                yield (e, *self._timed_read(layer, e))
+            return
+        ahead = deque((e, self._pool.submit(self._timed_read, layer, e)) for e in experts[1 : 1 + window])
+        rest = iter(experts[1 + window :])
+        yield (experts[0], *self._timed_read(layer, experts[0]))
+        while ahead:
+            e, fut = ahead.popleft()
+            nxt = next(rest, None)
+            if nxt is not None:
+                ahead.append((nxt, self._pool.submit(self._timed_read, layer, nxt)))
+            yield (e, *fut.result())
+
     def _install(self, layer, st: _LayerSlots, batch, protected):
         """Copy read records into their slots, in place."""
         slots = [self._claim_slot(layer, st, e, protected) for e, _ in batch]
@@ -199,44 +224,39 @@ class CachedStore(ExpertStore):
         """Read ``missing`` into slots; return (latencies, prefetched reads
         already done, reads issued now).
 
-        One read happens on this thread while the pool does the rest: the
-        common case of a single page-cached miss then costs no thread
-        hand-off. Records are copied into the pool in batches of up to
-        ``eval_bytes``; the last batch's copy stays lazy and runs with the
-        layer's own compute, in the same sync.
+        Records are copied into the pool in batches of up to ``eval_bytes``,
+        with at most a batch (or a read per thread) more in flight, which
+        bounds the memory a long prompt's misses take on top of the budget.
+        The last batch's copy stays lazy and runs with the layer's own
+        compute, in the same sync.
         """
-        jobs, inline, ready, late = [], [], 0, 0
-        # Reads served from memory (page cache) in well under a hand-off's
-        # cost all run here; slower ones go to the pool, all but one.
-        fast = self._read_ema < self.inline_read_s
+        staged, fresh, ready = [], [], 0
         for e in (int(e) for e in missing):
             fut = self._staged.pop((layer, e), None)
-            if fut is None and (fast or not inline):
-                inline.append((e, None))
-                continue
             if fut is None:
-                fut = self._pool.submit(self._timed_read, layer, e)
-            elif fut.done():
-                ready += 1
+                fresh.append(e)
             else:
-                late += 1
-            jobs.append((e, fut))
-        if ready + late:
-            self.telemetry.record_prefetch_hits(ready + late)
-        jobs = inline + jobs
+                staged.append((e, fut))
+                ready += fut.done()
+        if staged:
+            self.telemetry.record_prefetch_hits(len(staged))
+        per_batch = max(1, self.eval_bytes // self.layout.record_nbytes)
+        records = itertools.chain(
+            ((e, *fut.result()) for e, fut in staged),
+            self._reads(layer, fresh, window=max(per_batch, self.threads)),
+        )
         protected = [int(e) for e in protected]
         latencies, batch = [], []
-        per_batch = max(1, self.eval_bytes // self.layout.record_nbytes)
-        for i, (e, fut) in enumerate(jobs):
-            buf, dt = self._timed_read(layer, e) if fut is None else fut.result()
+        for i, (e, buf, dt) in enumerate(records):
             latencies.append(dt)
             self._read_ema += 0.1 * (dt - self._read_ema)
             batch.append((e, buf))
-            if len(batch) == per_batch or i == len(jobs) - 1:
+            if len(batch) == per_batch or i == len(missing) - 1:
                 self._install(layer, st, batch, protected)
-                if i < len(jobs) - 1:
+                if i < len(missing) - 1:
                     mx.eval(st.pool)  # bound the records waiting to be copied
                 batch = []
+        late = len(staged) - ready
         if self.identity and (st.expert_slot >= 0).all():
             self._complete.add(layer)
         return latencies, ready, len(missing) - ready - late
