@@ -1,6 +1,8 @@
 """A byte-budgeted expert cache over a reader."""
 
+import ctypes
 import itertools
+import sys
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +16,21 @@ from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
 from .readers import ExpertReader, records_to_arrays
+
+
+def _return_large_frees_to_the_os():
+    """Expert records are megabytes each, read and freed all the time. glibc
+    raises its mmap threshold after the first such free, so later ones come
+    from the heap, whose pages stay with the process once freed: peak RSS
+    then drifts above budget + resident weights. Pinning the threshold
+    (1 MB) keeps large buffers mmapped, returned on free. (macOS's malloc
+    does this by itself.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 class _LayerSlots:
@@ -56,6 +73,8 @@ class CachedStore(ExpertStore):
     ):
         self.reader = reader
         self.layout = reader.layout
+        if self.layout.record_nbytes >= 1 << 20:
+            _return_large_frees_to_the_os()
         self.slots = min(int(slots_per_layer), self.layout.num_experts)
         if self.slots < 1:
             raise ValueError("an expert cache needs at least one slot per layer")
