@@ -58,7 +58,9 @@ def decode_tps(model, tok, prompt: str, tokens: int) -> float:
     from mlx_lm.sample_utils import make_sampler
 
     last = None
-    for last in mlx_lm.stream_generate(model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0)):
+    no_eos = lambda t, l: l.at[..., list(tok.eos_token_ids)].add(-1e9)  # noqa: E731 (every run makes `tokens`)
+    for last in mlx_lm.stream_generate(model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0),
+                                       logits_processors=[no_eos]):
         pass
     return last.generation_tps
 
