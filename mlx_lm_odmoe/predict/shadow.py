@@ -169,7 +169,14 @@ class ShadowModel(ExpertPredictor):
             z = x @ wx
             h = nn.silu(z[:, :r] + proj_b + emb[cur].sum(axis=-2))
             z = z[:, r:].reshape(x.shape[0], m, E)
-            prior = mx.sigmoid(z) + bias if sigmoid else z - mx.logsumexp(z, axis=-1, keepdims=True)
+            if sigmoid:
+                prior = mx.sigmoid(z) + bias
+            elif select is None:
+                prior = z - mx.logsumexp(z, axis=-1, keepdims=True)
+            else:
+                # The log-softmax's normalizer is a per-row constant: neither
+                # the top-k nor the softmax of the guesses can see it.
+                prior = z
             out = mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E) + a * prior + p * multi_hot(prev, E)
             return finish(out, cur.shape[-1])
 
