@@ -5,6 +5,7 @@ graph. Route counts seen on the no-sync fast path are parked as (already
 evaluated) index arrays and folded in lazily, so that path stays sync-free.
 """
 
+import bisect
 import logging
 import os
 import threading
@@ -94,7 +95,7 @@ class Telemetry:
             for dt in latencies:
                 self.latencies_s.append(dt)
                 us = dt * 1e6
-                self.latency_hist[np.searchsorted(LATENCY_EDGES_US, us)] += 1
+                self.latency_hist[bisect.bisect_left(LATENCY_EDGES_US, us)] += 1
 
     def record_prefetch(self, nbytes: int):
         with self._lock:
