@@ -102,3 +102,50 @@ def test_stats_are_logged_at_an_interval(models, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="mlx_lm_odmoe"):
         mlx_lm.generate(model, tok, prompt="def hello", max_tokens=3)
     assert any("experts: hit rate" in r.message for r in caplog.records)
+
+
+class _SlowCountingReader:
+    """A real reader that takes a millisecond per read (the first 30) and
+    counts how many read buffers are alive at once."""
+
+    def __init__(self, base):
+        import threading
+        import weakref
+
+        self.base, self.layout, self.live, self.peak = base, base.layout, 0, 0
+        self._lock, self._weakref = threading.Lock(), weakref
+
+    def _gone(self):
+        with self._lock:
+            self.live -= 1
+
+    def read(self, layer, expert):
+        import time
+
+        time.sleep(0.03 if expert == 0 else 0.001)
+        buf = self.base.read(layer, expert)
+        with self._lock:
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+        self._weakref.finalize(buf, self._gone)
+        return buf
+
+    def close(self):
+        self.base.close()
+
+
+def test_a_long_miss_list_streams_through_a_bounded_window(models):
+    """Slow reads go to the thread pool a few at a time and are copied into
+    the pool in small batches, so the records waiting in memory stay few
+    however many experts a prompt misses; the result is the same."""
+    folder = models("qwen2_moe", "odmoe")
+    reader = _SlowCountingReader(ShardedFolderReader(folder))
+    store = CachedStore(reader, slots_per_layer=8, threads=2)
+    store.eval_bytes = 2 * store.layout.record_nbytes  # batches of two records
+    store.inline_read_s = 0  # every read counts as slow: the pool path
+    pool, slots = store.fetch(1, np.arange(8))
+    assert reader.peak <= 2 + 2 + 1  # a batch, the window (2 threads), the one read here
+    plain = CachedStore(ShardedFolderReader(folder), slots_per_layer=8)
+    want, want_slots = plain.fetch(1, np.arange(8))
+    for name in pool:
+        assert mx.array_equal(pool[name][mx.array(slots)], want[name][mx.array(want_slots)]).item()
