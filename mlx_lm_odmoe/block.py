@@ -36,12 +36,18 @@ class OnDemandSwitchGLU(nn.Module):
         object.__setattr__(self, "_runtime", runtime)
         object.__setattr__(self, "_kernel", None)
         object.__setattr__(self, "_bound", None)
+        object.__setattr__(self, "_early", None)
         self.layer = layer
         self.dims = (input_dims, hidden_dims, num_experts)
         # Parameter-free stand-ins for SwitchGLU's projections, so code that
         # addresses them (mlx-lm's shard()) finds them; the store holds the
         # weights and slices them per rank.
         self.gate_proj, self.up_proj, self.down_proj = nn.Module(), nn.Module(), nn.Module()
+
+    def start_early(self, shared):
+        """``shared.start(x)`` will be called with this block's input right
+        after the host sync (see models/common.py)."""
+        object.__setattr__(self, "_early", shared)
 
     def _get_kernel(self, store) -> SwitchGLU:
         if self._kernel is None:
@@ -90,6 +96,8 @@ class OnDemandSwitchGLU(nn.Module):
         predictor = self._runtime.predictor
         guesses = self._predict(predictor, x, indices) if predictor is not None else {}
         mx.eval(indices, *guesses.values())  # the one host sync per layer
+        if self._early is not None:  # the shared expert computes while we fetch
+            self._early.start(x)
         ids = np.array(indices)
         experts = _distinct(ids)
         store.telemetry.record_routes(self.layer, ids)

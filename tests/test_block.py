@@ -90,3 +90,26 @@ def test_each_expert_is_read_once_per_pass_even_when_the_prompt_needs_more_than_
     inds = routes(64, seed=7)
     assert mx.array_equal(block(x, inds), glu(x, inds)).item()
     assert reader.reads == len(np.unique(np.array(inds)))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_moe", "kimi_k2"])
+def test_the_shared_expert_starts_early_and_is_computed_once(models, kind):
+    """The block starts the shared expert right after the router's sync (it
+    overlaps the fetch); the MoE block then reuses that result, so each pass
+    computes it once per layer, and the parameter names are mlx-lm's."""
+    import mlx_lm_odmoe
+    from mlx_lm.utils import tree_flatten
+
+    model, _ = mlx_lm_odmoe.load(models(kind, "odmoe"), expert_cache="min")
+    mlps = [l.mlp for l in model.model.layers if "switch_mlp" in l.mlp]
+    shared = [m.get("shared_expert", m.get("shared_experts")) for m in mlps]
+    assert all(type(s).__name__.startswith("Early") for s in shared)
+    assert not any(".start" in k or "_early" in k for k, _ in tree_flatten(model.parameters()))
+    base = type(shared[0]).__mro__[2]
+    calls, original = [], base.__call__
+    base.__call__ = lambda self, x: calls.append(any(self is s for s in shared)) or original(self, x)
+    try:
+        mx.eval(model(mx.array([[1, 2, 3]])))
+    finally:
+        base.__call__ = original
+    assert sum(calls) == len(mlps)  # (a dense layer's MLP may share the class)

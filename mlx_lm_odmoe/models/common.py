@@ -2,6 +2,9 @@
 
 import weakref
 
+import mlx.core as mx
+import mlx.nn as nn
+
 from ..block import OnDemandSwitchGLU
 from ..runtime import ExpertRuntime
 
@@ -32,9 +35,11 @@ def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
                 "hidden_size": args.hidden_size, "moe_intermediate_size": args.moe_intermediate_size}
     runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers, expected)
     for i in moe_layers:
-        model.model.layers[i].mlp.switch_mlp = OnDemandSwitchGLU(
-            runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
-        )
+        mlp = model.model.layers[i].mlp
+        mlp.switch_mlp = OnDemandSwitchGLU(runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts)
+        shared = mlp.get("shared_expert", mlp.get("shared_experts"))
+        if isinstance(shared, nn.Module):
+            mlp.switch_mlp.start_early(early_start(shared))
     inner = model.model
 
     def active_layers():
@@ -45,6 +50,34 @@ def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
     runtime.active_layers = active_layers
     runtime.model_ref = weakref.ref(model)
     return runtime
+
+
+class _EarlyStart:
+    """Mixin for a shared expert. Its input is the routed experts' input, so
+    the block can start it right after the router's host sync; it then
+    computes while the host fetches the routed experts, and the MoE block's
+    own call, with the same input, gets that result (the same graph node:
+    nothing is computed twice and the numbers cannot differ)."""
+
+    def start(self, x):
+        y = super().__call__(x)
+        object.__setattr__(self, "_early", (x, y))
+        mx.async_eval(y)
+
+    def __call__(self, x):
+        early = self.__dict__.pop("_early", None)
+        if early is not None and early[0] is x:
+            return early[1]
+        return super().__call__(x)
+
+
+def early_start(module: nn.Module) -> nn.Module:
+    """Make ``module`` (mlx-lm's own MLP) startable early, in place: its class
+    becomes a subclass, its parameters and their names stay as they are."""
+    cls = type(module)
+    if not issubclass(cls, _EarlyStart):
+        module.__class__ = type(f"Early{cls.__name__}", (_EarlyStart, cls), {})
+    return module
 
 
 def strip_experts(weights: dict) -> dict:
