@@ -121,6 +121,9 @@ class OnDemandSwitchGLU(nn.Module):
             if self.layer == rt.store.layout.moe_layers[0]:
                 predictor.reset()
             return {}
+        if rt.prefetch_stride > 1 and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride:
+            predictor.observe(self.layer, indices[:, -1])  # keeps its per-layer state current
+            return {}
         return predictor.guesses(self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob)
 
     @staticmethod

@@ -52,6 +52,9 @@ class ExpertRuntime:
         # (benchmarks/results/predict): one layer ahead, guesses with p >= 0.1.
         self.prefetch_distance = int(self.settings.get("prefetch_distance", 1))
         self.prefetch_min_prob = float(self.settings.get("prefetch_min_prob", 0.1))
+        # Predict at every n-th MoE layer only, each time for the next
+        # prefetch_distance layers: fewer, wider predictions cost less.
+        self.prefetch_stride = int(self.settings.get("prefetch_stride", 1))
         self.prefetch_state = "off"  # why prediction is or is not running
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)

@@ -36,6 +36,10 @@ class ExpertPredictor:
         p = min_prob if self.calibrated else 0.0
         return {t: select_guesses(scores[t], k, p) for t in sorted(scores)[:distance]}
 
+    def observe(self, layer: int, topk: mx.array) -> None:
+        """Layer ``layer`` chose ``topk`` ([N, k]) and no prediction is
+        wanted from it; a stateful predictor records what it needs."""
+
     def reset(self) -> None:
         pass
 

@@ -182,6 +182,9 @@ class ShadowModel(ExpertPredictor):
 
         return fast
 
+    def observe(self, layer, topk):
+        self.state.update(layer, topk)
+
     def reset(self):
         self.state.reset()
 
