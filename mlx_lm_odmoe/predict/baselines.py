@@ -63,7 +63,7 @@ class PreviousTokenState:
         return multi_hot(self.ids(layer, n, k), self.num_experts)
 
     def update(self, layer: int, topk: mx.array) -> None:
-        self._last[layer] = topk.reshape(-1, topk.shape[-1]).astype(mx.int32)
+        self._last[layer] = topk.reshape(-1, topk.shape[-1])  # multi_hot casts: no copy here
 
 
 class PreviousToken(ExpertPredictor):

@@ -126,8 +126,10 @@ class ShadowModel(ExpertPredictor):
         out = {}
         if targets:
             n, k = topk.shape
-            prev = mx.stack([self.state.ids(t, n, k) for t in targets], axis=1)
-            res = self._step(layer, tuple(targets), select)(hidden.astype(mx.float32), topk, prev)
+            prev = [self.state.ids(t, n, k) for t in targets]
+            prev = prev[0][:, None] if len(prev) == 1 else mx.stack(prev, axis=1)  # a view, not a copy
+            x = hidden if hidden.dtype == mx.float32 else hidden.astype(mx.float32)
+            res = self._step(layer, tuple(targets), select)(x, topk, prev)
             out = {t: res[:, j] for j, t in enumerate(targets)}
         self.state.update(layer, topk)
         return out
