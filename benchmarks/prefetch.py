@@ -56,29 +56,39 @@ def run(model_dir, settings, budget, tokens):
 
 def predictor_ms(model, reps=50):
     """Per-token cost of the predictor as the block runs it: the guesses of
-    every MoE layer for the prefetch distance. In the block they are
-    evaluated in the router's own sync, so one eval per token here."""
+    every MoE layer for the prefetch distance, in numpy after the router's
+    sync (small shadow models) or as MLX kernels evaluated in that sync
+    (one eval per token here)."""
     import mlx.core as mx
+    import numpy as np
 
     rt = model.expert_runtime
     layers, k = rt.store.layout.moe_layers, rt.top_k
     D = model.args.hidden_size
     x, ids = mx.random.normal((1, D)), mx.arange(k, dtype=mx.uint32)[None]
 
+    P = rt.predictor
+    host_ids = np.array(ids)
+
     def token():
         out = []
         for i, l in enumerate(layers):
-            if i % rt.prefetch_stride:
-                rt.predictor.observe(l, ids)
+            if P.on_host:  # after the router's sync: the input comes over, numpy does the rest
+                if i % rt.prefetch_stride:
+                    P.host_observe(l, host_ids)
+                else:
+                    P.host_guesses(l, np.array(x), host_ids, rt.prefetch_distance, rt.prefetch_min_prob)
+            elif i % rt.prefetch_stride:
+                P.observe(l, ids)
             else:
-                out += rt.predictor.guesses(l, x, ids, rt.prefetch_distance, rt.prefetch_min_prob).values()
-        return out
+                out += P.guesses(l, x, ids, rt.prefetch_distance, rt.prefetch_min_prob).values()
+        mx.eval(out)
 
     for _ in range(3):
-        mx.eval(token())
+        token()
     t0 = time.perf_counter()
     for _ in range(reps):
-        mx.eval(token())
+        token()
     return (time.perf_counter() - t0) / reps * 1e3
 
 

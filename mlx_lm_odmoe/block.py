@@ -94,8 +94,8 @@ class OnDemandSwitchGLU(nn.Module):
             return self._run(store, pool, x, indices, keep=True)
 
         predictor = self._runtime.predictor
-        guesses = self._predict(predictor, x, indices) if predictor is not None else {}
-        mx.eval(indices, *guesses.values())  # the one host sync per layer
+        pending, guesses_of = self._predict(predictor, x, indices) if predictor is not None else ([], None)
+        mx.eval(indices, *pending)  # the one host sync per layer
         if self._early is not None:  # the shared expert computes while we fetch
             self._early.start(x)
         ids = np.array(indices)
@@ -104,27 +104,42 @@ class OnDemandSwitchGLU(nn.Module):
         store.telemetry.score_prediction(self.layer, experts)
         if len(experts) <= store.capacity(self.layer):
             pool, slots = store.fetch(self.layer, experts)
-            self._prefetch(store, guesses)  # reads overlap this layer's compute
             remap = np.zeros(store.layout.num_experts, dtype=np.int32)
             remap[experts] = slots
             y = self._run(store, pool, x, mx.array(remap[ids]))
             # Start the experts now: they compute while Python builds the
             # rest of the layer and the next one up to its router's sync.
             mx.async_eval(y)
+            if guesses_of is not None:  # reads overlap this layer's compute
+                self._prefetch(store, guesses_of(ids))
             return y
         return self._expert_major(store, x, ids, experts)
 
     def _predict(self, predictor, x, indices):
-        """Guesses for the next layers from each row's newest token."""
+        """Guesses for the next layers from each row's newest token, as
+        (arrays to evaluate in the router's sync, fn(host ids) -> guesses)."""
         rt = self._runtime
         if x.shape[1] != 1:  # prefill runs expert-major; a new prompt resets state
             if self.layer == rt.store.layout.moe_layers[0]:
                 predictor.reset()
-            return {}
-        if rt.prefetch_stride > 1 and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride:
+            return [], None
+        skip = rt.prefetch_stride > 1 and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride
+        if getattr(predictor, "on_host", False):
+            newest = x[:, -1]
+
+            def on_host(ids):
+                if skip:
+                    predictor.host_observe(self.layer, ids[:, -1])
+                    return {}
+                return predictor.host_guesses(self.layer, np.array(newest), ids[:, -1], rt.prefetch_distance,
+                                              rt.prefetch_min_prob)
+
+            return ([] if skip else [newest]), on_host
+        if skip:
             predictor.observe(self.layer, indices[:, -1])  # keeps its per-layer state current
-            return {}
-        return predictor.guesses(self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob)
+            return [], None
+        guesses = predictor.guesses(self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob)
+        return list(guesses.values()), lambda ids: guesses
 
     @staticmethod
     def _prefetch(store, guesses):

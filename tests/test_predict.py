@@ -152,6 +152,29 @@ def test_online_guesses_are_the_top_k_of_the_scores(traced, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_host_and_device_shadow_steps_guess_alike(traced, kind, tmp_path):
+    """Small shadow models run online in numpy (cheaper than kernels at this
+    size); they must guess what the MLX step guesses, previous-token state
+    included, above and below the probability floor."""
+    folder, model, _, trace = traced(kind)
+    net, _ = train(model, trace, distance=2, rank=8, epochs=1, batch=32, log=lambda *a: None)
+    save_shadow(net, tmp_path)
+    shadow = load_predictor(model, tmp_path)
+    assert shadow.on_host
+    layers, k = trace.moe_layers, trace.top_k
+    for floor in (0.0, 0.05):
+        shadow.reset()
+        for row in range(3):  # consecutive tokens: the second and third use the state
+            for i, l in enumerate(layers):
+                x, ids = trace.hidden[i, row : row + 2], trace.topk[i, row : row + 2]
+                dev = shadow.guesses(l, mx.array(x), mx.array(ids), 1, floor)
+                host = shadow.host_guesses(l, x, ids, 1, floor)
+                assert list(dev) == list(host)
+                for t in dev:
+                    assert (np.sort(np.array(dev[t]), -1) == np.sort(host[t], -1)).all(), (floor, row, l)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_predictor_scores_the_later_layers(traced, kind, tmp_path):
     folder, model, _, trace = traced(kind)
     layers, E = trace.moe_layers, trace.num_experts

@@ -32,6 +32,7 @@ from typing import List
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .base import ExpertPredictor, later_layers, select_guesses
 from .baselines import PreviousTokenState, multi_hot
@@ -101,6 +102,7 @@ class ShadowModel(ExpertPredictor):
     name = "shadow"
     calibrated = True  # scores are logits of a softmax over the experts
     fuse_limit_bytes = 64 << 20
+    host_limit_macs = 1 << 20  # per target: smaller steps run in numpy
 
     def __init__(self, model, net: ShadowNet):
         self.model, self.net = model, net
@@ -111,6 +113,8 @@ class ShadowModel(ExpertPredictor):
         E, D = net.config["num_experts"], net.config["hidden_size"]
         fused = sum(len(later_layers(self.moe_layers, l, self.distance)) for l in net.sources) * E * D * 4
         self._fuse = fused <= self.fuse_limit_bytes
+        self._host_last = {}
+        self.on_host = self._fuse and D * (net.config["rank"] + E) <= self.host_limit_macs
 
     def predict(self, layer, hidden, topk):
         return self._run(layer, hidden, topk, self.distance, None)
@@ -154,17 +158,9 @@ class ShadowModel(ExpertPredictor):
                 return finish(net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E)), cur.shape[-1])
 
             return step
-        weight, bias, sigmoid = fused_routers(self.model, targets)
-        # Inference only: the layer's weights are folded in once. One matmul
-        # serves the low-rank projection and every target's router, and the
-        # own-experts term is a gather of k rows instead of a multi-hot
-        # product (router picks are distinct), so a step is a few kernels.
-        m, r = len(targets), net_layer.proj.weight.shape[0]
-        wx = mx.concatenate([net_layer.proj.weight.T, weight], axis=1)
-        proj_b, emb = net_layer.proj.bias, net_layer.experts.weight.T
-        head_w, head_b = net_layer.head.weight[: m * E].T, net_layer.head.bias[: m * E]
-        a, p = net_layer.prior_scale[:m, None], net_layer.prev_scale[:m, None]
-        mx.eval(wx, head_w, head_b)
+        f = self._folded(layer, targets)
+        wx, proj_b, emb, head_w, head_b, a, p = (f[n] for n in ("wx", "proj_b", "emb", "head_w", "head_b", "a", "p"))
+        bias, sigmoid, m, r = f["bias"], f["sigmoid"], f["m"], f["r"]
 
         @mx.compile
         def fast(x, cur, prev):
@@ -187,13 +183,89 @@ class ShadowModel(ExpertPredictor):
     def observe(self, layer, topk):
         self.state.update(layer, topk)
 
+    def _folded(self, layer, targets) -> dict:
+        """The step's weights, folded once (inference only): one matrix
+        serves the low-rank projection and every target's router, and the
+        own-experts term becomes a gather of k rows (router picks are
+        distinct) instead of a multi-hot product."""
+        net_layer, E = self.net.layer_for(layer), self.net.config["num_experts"]
+        weight, bias, sigmoid = fused_routers(self.model, targets)
+        m, r = len(targets), net_layer.proj.weight.shape[0]
+        f = dict(
+            wx=mx.concatenate([net_layer.proj.weight.T, weight], axis=1),
+            proj_b=net_layer.proj.bias, emb=net_layer.experts.weight.T,
+            head_w=net_layer.head.weight[: m * E].T, head_b=net_layer.head.bias[: m * E],
+            a=net_layer.prior_scale[:m, None], p=net_layer.prev_scale[:m, None], bias=bias,
+        )
+        mx.eval(f)
+        return {**f, "sigmoid": sigmoid, "m": m, "r": r, "E": E}
+
+    # -- on the host ---------------------------------------------------------
+    # At small sizes a kernel launch costs more than the arithmetic: the
+    # tiny models' step is ~25k multiply-adds, tens of microseconds as ten
+    # kernels, a few in numpy. The block then evaluates only the layer's
+    # input with the router and calls these after the sync.
+
+    def host_guesses(self, layer, hidden: np.ndarray, topk: np.ndarray, distance: int, min_prob: float = 0.0):
+        targets = later_layers(self.moe_layers, layer, min(distance, self.distance))
+        topk = topk.reshape(hidden.shape[0], -1)
+        out = {}
+        if targets:
+            n, k = topk.shape
+            prev = np.stack([self._host_prev(t, n, k) for t in targets], axis=1)
+            key = ("host", layer, tuple(targets))
+            if key not in self._steps:
+                self._steps[key] = _HostStep(self._folded(layer, targets))
+            ids = self._steps[key](hidden.astype(np.float32, copy=False), topk, prev, min_prob)
+            out = {t: ids[:, j] for j, t in enumerate(targets)}
+        self.host_observe(layer, topk)
+        return out
+
+    def host_observe(self, layer, topk: np.ndarray):
+        self._host_last[layer] = topk.reshape(-1, topk.shape[-1])
+
+    def _host_prev(self, layer, n, k):
+        last = self._host_last.get(layer)
+        if last is None:
+            return np.full((n, k), -1, dtype=np.int64)
+        return last if last.shape[0] == n else np.broadcast_to(last[-1:], (n, last.shape[-1]))
+
     def reset(self):
         self.state.reset()
+        self._host_last = {}
 
     def nbytes(self) -> int:
         from mlx.utils import tree_flatten
 
         return sum(v.nbytes for _, v in tree_flatten(self.net.parameters()))
+
+
+class _HostStep:
+    """The online step of one source layer, in numpy, ending in each row's
+    top-k guesses (ids below ``min_prob`` become -1)."""
+
+    def __init__(self, folded: dict):
+        self.__dict__.update({k: np.array(v) if isinstance(v, mx.array) else v for k, v in folded.items()})
+
+    def __call__(self, x, cur, prev, min_prob):
+        n, m, E, r = x.shape[0], self.m, self.E, self.r
+        z = x @ self.wx
+        h = z[:, :r] + self.proj_b + self.emb[cur].sum(axis=-2)
+        h = h / (1.0 + np.exp(-h))  # silu
+        z = z[:, r:].reshape(n, m, E)
+        # A softmax router's log-softmax prior is z minus a per-row constant,
+        # which neither the top-k nor the probabilities can see.
+        prior = 1.0 / (1.0 + np.exp(-z)) + self.bias if self.sigmoid else z
+        out = (h @ self.head_w + self.head_b).reshape(n, m, E) + self.a * prior
+        rows, js, cols = np.nonzero(prev >= 0)
+        out[rows, js, prev[rows, js, cols]] += self.p[js, 0]
+        k = cur.shape[-1]
+        ids = np.argpartition(-out, k - 1, axis=-1)[..., :k]
+        if min_prob > 0:
+            p = np.exp(out - out.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            ids = np.where(np.take_along_axis(p, ids, axis=-1) >= min_prob, ids, -1)
+        return ids
 
 
 def fused_routers(model, targets):
