@@ -56,13 +56,13 @@ class Telemetry:
             self.started = time.time()
 
     # -- updates -----------------------------------------------------------
-    def record_routes(self, layer: int, ids: np.ndarray, hits: int = None):
-        """Routes of one forward pass of one layer (host ids)."""
+    def record_routes(self, layer: int, ids: np.ndarray, hits: int = None, calls: int = 1):
+        """Routes of ``calls`` forward passes of one layer (host ids)."""
         row = self._row[layer]
         counts = np.bincount(ids.reshape(-1), minlength=self.num_experts)
         with self._lock:
             self.expert_use[row] += counts
-            self.forward_calls += 1
+            self.forward_calls += calls
             if hits is not None:
                 self.layer_hits[row] += hits
         if self.log_interval_s and time.monotonic() - self._last_log >= self.log_interval_s:
@@ -77,14 +77,24 @@ class Telemetry:
 
     def _drain(self, keep: int = 0):
         # Entries older than the newest few were evaluated by later tokens,
-        # so converting them costs a copy, not a sync.
+        # so converting them costs a copy, not a sync; each layer's decode
+        # steps go over in one array (one conversion, not hundreds).
+        import mlx.core as mx
+
         todo = self._pending[: len(self._pending) - keep]
         del self._pending[: len(todo)]
+        steps, passes = {}, []
         for layer, idx in todo:
+            if idx.size == idx.shape[-1]:  # one token: its top-k are distinct
+                steps.setdefault(layer, []).append(idx.reshape(-1))
+            else:
+                passes.append((layer, idx))
+        for layer, idxs in steps.items():
+            ids = np.array(mx.concatenate(idxs))
+            self.record_routes(layer, ids, hits=ids.size, calls=len(idxs))
+        for layer, idx in passes:
             ids = np.array(idx)
-            # One token's top-k are distinct experts: no need to sort them.
-            hits = ids.size if ids.size == ids.shape[-1] else len(np.unique(ids))
-            self.record_routes(layer, ids, hits=hits)
+            self.record_routes(layer, ids, hits=len(np.unique(ids)))
 
     def record_fetch(self, layer: int, hits: int, misses: int, nbytes: int, latencies):
         row = self._row[layer]
