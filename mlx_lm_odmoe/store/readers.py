@@ -56,7 +56,10 @@ def records_to_arrays(records: np.ndarray, layout: ExpertLayout) -> Dict[str, mx
     m = records.shape[0]
     out = {}
     for t in layout.tensors:
-        a = mx.array(records[:, t.offset : t.offset + t.nbytes].view(t.np_dtype).reshape((m,) + tuple(t.shape)))
+        raw = records[:, t.offset : t.offset + t.nbytes]
+        if m > 1:  # numpy gathers the strided rows fast; mx.array copies them element by element
+            raw = np.ascontiguousarray(raw)
+        a = mx.array(raw.view(t.np_dtype).reshape((m,) + tuple(t.shape)))
         out[t.name] = a.view(mx.bfloat16) if t.dtype == "BF16" else a
     return out
 
