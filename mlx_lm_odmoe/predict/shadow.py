@@ -212,7 +212,8 @@ class ShadowModel(ExpertPredictor):
         out = {}
         if targets:
             n, k = topk.shape
-            prev = np.stack([self._host_prev(t, n, k) for t in targets], axis=1)
+            prev = [self._host_prev(t, n, k) for t in targets]
+            prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
             key = ("host", layer, tuple(targets))
             if key not in self._steps:
                 self._steps[key] = _HostStep(self._folded(layer, targets))
@@ -251,7 +252,7 @@ class _HostStep:
         n, m, E, r = x.shape[0], self.m, self.E, self.r
         z = x @ self.wx
         h = z[:, :r] + self.proj_b + self.emb[cur].sum(axis=-2)
-        h = h / (1.0 + np.exp(-h))  # silu
+        h *= 1.0 / (1.0 + np.exp(-h))  # silu
         z = z[:, r:].reshape(n, m, E)
         # A softmax router's log-softmax prior is z minus a per-row constant,
         # which neither the top-k nor the probabilities can see.
@@ -261,10 +262,10 @@ class _HostStep:
         out[rows, js, prev[rows, js, cols]] += self.p[js, 0]
         k = cur.shape[-1]
         ids = np.argpartition(-out, k - 1, axis=-1)[..., :k]
-        if min_prob > 0:
-            p = np.exp(out - out.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
-            ids = np.where(np.take_along_axis(p, ids, axis=-1) >= min_prob, ids, -1)
+        if min_prob > 0:  # softmax(out)[ids] >= min_prob, without normalizing every expert
+            e = np.exp(out - out.max(axis=-1, keepdims=True))
+            keep = np.take_along_axis(e, ids, axis=-1) >= min_prob * e.sum(axis=-1, keepdims=True)
+            ids = np.where(keep, ids, -1)
         return ids
 
 
