@@ -113,7 +113,7 @@ class ShadowModel(ExpertPredictor):
         E, D = net.config["num_experts"], net.config["hidden_size"]
         fused = sum(len(later_layers(self.moe_layers, l, self.distance)) for l in net.sources) * E * D * 4
         self._fuse = fused <= self.fuse_limit_bytes
-        self._host_last = {}
+        self._host_last, self._host_plans = {}, {}
         self.on_host = self._fuse and D * (net.config["rank"] + E) <= self.host_limit_macs
 
     def predict(self, layer, hidden, topk):
@@ -207,19 +207,21 @@ class ShadowModel(ExpertPredictor):
     # input with the router and calls these after the sync.
 
     def host_guesses(self, layer, hidden: np.ndarray, topk: np.ndarray, distance: int, min_prob: float = 0.0):
-        targets = later_layers(self.moe_layers, layer, min(distance, self.distance))
+        plan = self._host_plans.get((layer, distance))
+        if plan is None:
+            targets = tuple(later_layers(self.moe_layers, layer, min(distance, self.distance)))
+            step = _HostStep(self._folded(layer, list(targets))) if targets else None
+            plan = self._host_plans[(layer, distance)] = (targets, step)
+        targets, step = plan
         topk = topk.reshape(hidden.shape[0], -1)
         out = {}
         if targets:
             n, k = topk.shape
             prev = [self._host_prev(t, n, k) for t in targets]
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
-            key = ("host", layer, tuple(targets))
-            if key not in self._steps:
-                self._steps[key] = _HostStep(self._folded(layer, targets))
-            ids = self._steps[key](hidden.astype(np.float32, copy=False), topk, prev, min_prob)
+            ids = step(hidden if hidden.dtype == np.float32 else hidden.astype(np.float32), topk, prev, min_prob)
             out = {t: ids[:, j] for j, t in enumerate(targets)}
-        self.host_observe(layer, topk)
+        self._host_last[layer] = topk
         return out
 
     def host_observe(self, layer, topk: np.ndarray):
@@ -250,6 +252,8 @@ class _HostStep:
 
     def __call__(self, x, cur, prev, min_prob):
         n, m, E, r = x.shape[0], self.m, self.E, self.r
+        k = cur.shape[-1]
+        rows, js = self._grid(n, m, k)
         z = x @ self.wx
         h = z[:, :r] + self.proj_b + self.emb[cur].sum(axis=-2)
         h *= 1.0 / (1.0 + np.exp(-h))  # silu
@@ -258,15 +262,25 @@ class _HostStep:
         # which neither the top-k nor the probabilities can see.
         prior = 1.0 / (1.0 + np.exp(-z)) + self.bias if self.sigmoid else z
         out = (h @ self.head_w + self.head_b).reshape(n, m, E) + self.a * prior
-        rows, js, cols = np.nonzero(prev >= 0)
-        out[rows, js, prev[rows, js, cols]] += self.p[js, 0]
-        k = cur.shape[-1]
+        if (prev >= 0).all():  # router picks are distinct: no repeated index
+            out[rows, js, prev] += self.p
+        else:
+            i, j, c = np.nonzero(prev >= 0)
+            out[i, j, prev[i, j, c]] += self.p[j, 0]
         ids = np.argpartition(-out, k - 1, axis=-1)[..., :k]
         if min_prob > 0:  # softmax(out)[ids] >= min_prob, without normalizing every expert
             e = np.exp(out - out.max(axis=-1, keepdims=True))
-            keep = np.take_along_axis(e, ids, axis=-1) >= min_prob * e.sum(axis=-1, keepdims=True)
+            keep = e[rows, js, ids] >= min_prob * e.sum(axis=-1, keepdims=True)
             ids = np.where(keep, ids, -1)
         return ids
+
+    def _grid(self, n, m, k):
+        """Index grids that address [n, m, k] picks of an [n, m, E] array."""
+        key = (n, m, k)
+        grids = self.__dict__.setdefault("_grids", {})
+        if key not in grids:
+            grids[key] = (np.arange(n)[:, None, None], np.arange(m)[None, :, None])
+        return grids[key]
 
 
 def fused_routers(model, targets):
