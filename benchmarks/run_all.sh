@@ -19,6 +19,14 @@ $PY -m mlx_lm_odmoe.bench --model models/tiny-qwen2-moe --stock $DATA/tiny-qwen2
 # ... and in one process, interleaved (no per-process noise):
 $PY benchmarks/decode_overhead.py --model $DATA/tiny-qwen2-moe-stock-q4 \
     --budgets 100%,50%,25%,12.5% --tokens 256 --rounds 7
+# ... and the Kimi-architecture model, against mlx-lm's own 4-bit conversion of
+#     the trained float32 checkpoint (training/README.md makes it).
+mlx_lm.convert --hf-path ${ARTIFACTS:-/work/artifacts}/tiny-kimi-mlx --mlx-path $DATA/tiny-kimi-stock-q4 \
+    -q --q-group-size 32 --dtype float32
+$PY -m mlx_lm_odmoe.bench --model models/tiny-kimi --stock $DATA/tiny-kimi-stock-q4 \
+    --tokens 256 --reps 5 --out $RES/tiny-kimi --title "tiny-kimi (trained, 4-bit): odmoe vs stock mlx-lm"
+# Prediction and policy online, both shipped models (results/predict/online-25pct.md).
+$PY benchmarks/prefetch.py > $RES/predict/online-25pct.md
 
 # 2. The same with Qwen1.5-MoE-A2.7B-sized experts (5.4 MB each), 8 layers,
 #    a 4k vocabulary so the experts, not lm_head, dominate; cold page cache.
