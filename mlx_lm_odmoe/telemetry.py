@@ -1,8 +1,11 @@
 """Counters the on-demand block and the expert stores update.
 
 All counters are plain Python/numpy so reading them never touches the model's
-graph. Route counts seen on the no-sync fast path are parked as (already
-evaluated) index arrays and folded in lazily, so that path stays sync-free.
+graph. Route counts seen on the no-sync fast path are parked as index arrays
+and folded in lazily, so that path stays sync-free. Folding them in is an MLX
+operation, and MLX streams belong to the thread that made them, so only the
+thread computing the model folds (the "owner"); a reader on another thread
+(an HTTP handler, say) asks for it and waits briefly for :meth:`service`.
 """
 
 import bisect
@@ -33,6 +36,9 @@ class Telemetry:
         self._row = {l: i for i, l in enumerate(self.moe_layers)}
         self._lock = threading.Lock()
         self._pending = []
+        self._owner = None  # thread that records lazy routes
+        self._fold_wanted = threading.Event()
+        self._folded = threading.Event()
         self.reset()
 
     def reset(self):
@@ -71,9 +77,21 @@ class Telemetry:
 
     def record_routes_lazy(self, layer: int, indices):
         """Routes served from a fully resident layer: every expert is a hit."""
+        self._owner = threading.get_ident()
         self._pending.append((layer, indices))
-        if len(self._pending) > 512:
+        if len(self._pending) > 512 or self._fold_wanted.is_set():
             self._drain(keep=8)
+
+    def service(self):
+        """Fold parked routes in if another thread asked: the computing
+        thread calls this between steps (the server does, when idle too)."""
+        if self._fold_wanted.is_set():
+            self._drain()
+
+    def _request_fold(self, wait_s: float):
+        self._folded.clear()
+        self._fold_wanted.set()
+        self._folded.wait(wait_s)
 
     def _drain(self, keep: int = 0):
         # Entries older than the newest few were evaluated by later tokens,
@@ -95,6 +113,8 @@ class Telemetry:
         for layer, idx in passes:
             ids = np.array(idx)
             self.record_routes(layer, ids, hits=len(np.unique(ids)))
+        self._fold_wanted.clear()
+        self._folded.set()
 
     def record_fetch(self, layer: int, hits: int, misses: int, nbytes: int, latencies):
         row = self._row[layer]
@@ -148,8 +168,14 @@ class Telemetry:
         return (f"experts: hit rate {rate} ({h} hits, {m} misses), "
                 f"{read / 1e6:.1f} MB read, fetch p50 {p50} ms p99 {p99} ms")
 
-    def snapshot(self) -> Dict:
-        self._drain()
+    def snapshot(self, wait_s: float = 1.0) -> Dict:
+        """Every counter. From a thread other than the computing one, parked
+        routes are folded in by that thread within ``wait_s`` if it is
+        between steps or idle; otherwise the figures are those of the last fold."""
+        if self._owner in (None, threading.get_ident()):
+            self._drain()
+        elif self._pending:
+            self._request_fold(wait_s)
         with self._lock:
             hits, misses = int(self.layer_hits.sum()), int(self.layer_misses.sum())
             lat = np.array(self.latencies_s) if self.latencies_s else None

@@ -21,7 +21,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, command: str, model, log_path, env=None, extra=()):
+    def __init__(self, command: str, model, log_path, env=None, extra=(), ready=(200,)):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -31,19 +31,24 @@ class Server:
             [str(BIN / command), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
         )
-        self._wait_ready()
+        self._wait_ready(ready)
 
     def log(self):
         return self.log_path.read_text()[-4000:]
 
-    def _wait_ready(self, timeout=180):
+    def cpu_seconds(self):
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def _wait_ready(self, ready, timeout=180):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log()}")
             try:
                 status, _ = self.get("/health")
-                if status == 200:
+                if status in ready:
                     return
             except (ConnectionError, urllib.error.URLError, OSError):
                 pass

@@ -2,6 +2,7 @@
 
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -91,3 +92,78 @@ def test_a_read_error_fails_one_request_and_the_server_keeps_serving(odmoe_serve
     status, reply = odmoe_server.post("/v1/completions", {"prompt": "def fine(x):", "max_tokens": 5})
     assert status == 200 and reply["usage"]["completion_tokens"] > 0
     assert odmoe_server.get("/health")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def resident_server(models, tmp_path_factory):
+    """The default budget: every expert resident, routes counted lazily."""
+    s = Server("mlx_lm_odmoe.server", models("qwen2_moe", "odmoe"), tmp_path_factory.mktemp("srv") / "log")
+    yield s
+    s.stop()
+
+
+def test_stats_after_a_completion_with_every_expert_resident(resident_server):
+    status, _ = resident_server.post("/v1/completions", {"prompt": "def hello", "max_tokens": 6})
+    assert status == 200
+    status, stats = resident_server.get("/v1/experts/stats")
+    assert status == 200, stats
+    assert stats["misses"] == 0 and stats["hits"] > 0
+    status, health = resident_server.get("/health")
+    assert status == 200 and health["status"] == "ok" and health["experts"]["hits"] >= stats["hits"]
+
+
+def test_stats_are_readable_while_clients_generate(resident_server):
+    statuses, done = [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            statuses.append(resident_server.get("/v1/experts/stats")[0])
+            statuses.append(resident_server.get("/health")[0])
+
+    def ask(i):
+        resident_server.post("/v1/completions", {"prompt": f"y = {i}", "max_tokens": 24, "temperature": 0})
+
+    poller = threading.Thread(target=poll)
+    clients = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    poller.start()
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    done.set()
+    poller.join()
+    assert len(statuses) > 4 and set(statuses) == {200}
+
+
+def _truncate_shard(folder):
+    shard = next((folder / "experts").glob("experts-*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    return shard.name
+
+
+@pytest.mark.parametrize("case", ["missing folder", "budget too small", "truncated shard"])
+def test_a_model_that_cannot_load_is_reported_once_and_the_server_idles(case, models, tmp_path):
+    folder, env = tmp_path / "model", {}
+    if case == "missing folder":
+        folder, named = tmp_path / "does-not-exist", "does-not-exist"
+    else:
+        shutil.copytree(models("qwen2_moe", "odmoe"), folder)
+        if case == "budget too small":
+            env, named = {"MLX_LM_ODMOE_EXPERT_CACHE": "1KB"}, "too small"
+        else:
+            named = _truncate_shard(folder)
+    s = Server("mlx_lm_odmoe.server", folder, tmp_path / "log", env=env, ready=(503,))
+    try:
+        status, health = s.get("/health")
+        assert status == 503 and health["status"] == "unavailable" and named in health["error"]
+        status, reply = s.post("/v1/completions", {"prompt": "def f", "max_tokens": 4})
+        assert status == 503 and named in reply["error"]["message"]
+        assert s.get("/v1/experts/stats")[0] == 503
+        before = s.cpu_seconds()
+        time.sleep(2)
+        assert s.cpu_seconds() - before < 0.5  # idle, not retrying
+        log = s.log_path.read_text()
+        assert log.count("cannot load the model") == 1 and "Traceback" not in log
+    finally:
+        s.stop()
