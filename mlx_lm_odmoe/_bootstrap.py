@@ -14,7 +14,8 @@ import importlib.abc
 import importlib.util
 import sys
 
-MODEL_TYPES = ("qwen2_moe_odmoe", "kimi_k2_odmoe")
+from .model_types import ODMOE_TYPES
+
 _PREFIX = "mlx_lm.models."
 
 
@@ -35,7 +36,7 @@ class OdmoeModelFinder(importlib.abc.MetaPathFinder):
         if not fullname.startswith(_PREFIX):
             return None
         name = fullname[len(_PREFIX) :]
-        if name not in MODEL_TYPES:
+        if name not in ODMOE_TYPES:
             return None
         return importlib.util.spec_from_loader(
             fullname, _AliasLoader(f"mlx_lm_odmoe.models.{name}")

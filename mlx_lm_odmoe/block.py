@@ -124,7 +124,7 @@ class OnDemandSwitchGLU(nn.Module):
                 predictor.reset()
             return [], None
         skip = rt.prefetch_stride > 1 and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride
-        if getattr(predictor, "on_host", False):
+        if predictor.on_host:
             newest = x[:, -1]
 
             def on_host(ids):

@@ -3,6 +3,7 @@
 from typing import Dict, List
 
 import mlx.core as mx
+import numpy as np
 
 
 class ExpertPredictor:
@@ -22,6 +23,10 @@ class ExpertPredictor:
     name = "predictor"
     distance = 1
     calibrated = False  # scores are logits of a softmax over the experts
+    # True: the block calls host_guesses/host_observe with numpy arrays
+    # right after the router's sync, instead of guesses/observe in the graph
+    # (cheaper for predictors small enough that kernel launches dominate).
+    on_host = False
 
     def predict(self, layer: int, hidden: mx.array, topk: mx.array) -> Dict[int, mx.array]:
         raise NotImplementedError
@@ -39,6 +44,14 @@ class ExpertPredictor:
     def observe(self, layer: int, topk: mx.array) -> None:
         """Layer ``layer`` chose ``topk`` ([N, k]) and no prediction is
         wanted from it; a stateful predictor records what it needs."""
+
+    def host_guesses(self, layer: int, hidden: np.ndarray, topk: np.ndarray, distance: int,
+                     min_prob: float = 0.0) -> Dict[int, np.ndarray]:
+        """:meth:`guesses` on host arrays, for predictors with ``on_host``."""
+        raise NotImplementedError
+
+    def host_observe(self, layer: int, topk: np.ndarray) -> None:
+        """:meth:`observe` on host arrays, for predictors with ``on_host``."""
 
     def reset(self) -> None:
         pass
