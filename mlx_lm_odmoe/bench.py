@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def dijkstra(graph, source):
 WARMUP_PROMPT = "def add(a, b):\n    return"
 RESULT_TAG = "ODMOE_BENCH_RESULT "
 DEFAULT_BUDGETS = "100%,50%,25%,12.5%"
+# Run lengths of a measuring run and of --quick (a smoke run).
+FULL = {"tokens": 128, "reps": 3, "warmup_tokens": 4}
+QUICK = {"tokens": 8, "reps": 1, "warmup_tokens": 1}
 
 
 # -- worker: one contender, one process ------------------------------------------
@@ -282,6 +286,8 @@ def summarize(name: str, runs: List[dict], tokens: int) -> dict:
         r["decode_cpu_ms_per_tok"] = 1e3 * r["decode_cpu_s"] / (len(r["tokens"]) - 1)
     for key in ("decode_tok_s", "decode_cpu_ms_per_tok", "ttft_s", "load_s", "peak_rss_bytes", "cgroup_peak_bytes", "wall_s"):
         s[key] = _median(ok if key not in ("peak_rss_bytes", "cgroup_peak_bytes", "wall_s") else runs, key)
+    tps = [r["decode_tok_s"] for r in ok if r.get("decode_tok_s")]
+    s["decode_tok_s_min"], s["decode_tok_s_max"] = (min(tps), max(tps)) if tps else (None, None)
     s["oom_kills"] = sum(r.get("oom_kills") or 0 for r in runs) if any("oom_kills" in r for r in runs) else None
     stats = [r["stats"] for r in ok if r.get("stats")]
     if stats:
@@ -296,6 +302,37 @@ def summarize(name: str, runs: List[dict], tokens: int) -> dict:
     return s
 
 
+def spread_note(rows: List[dict], reps: int) -> str:
+    """How much decode tok/s moved between repetitions, or why it is unknown."""
+    if reps < 2:
+        return ("The spread between runs is not measured (1 repetition): "
+                "another program on the cores during a run moves its result directly.")
+    spreads = [((r["decode_tok_s_max"] - r["decode_tok_s_min"]) / r["decode_tok_s"], r) for r in rows
+               if r.get("decode_tok_s_min") and r.get("decode_tok_s")]
+    if not spreads:
+        return "No contender decoded in more than one repetition: the spread between runs is unknown."
+    worst, r = max(spreads, key=lambda x: x[0])
+    return (f"Decode tok/s varied by up to {worst:.0%} of the median between repetitions "
+            f"({r['name']}: {r['decode_tok_s_min']:.2f} to {r['decode_tok_s_max']:.2f} tok/s).")
+
+
+def quick_note(args, rows: List[dict], load: str) -> str:
+    """--quick: a smoke run. Say so, how much it varied, and what to run instead."""
+    return (f"Quick mode ({args.tokens} tokens, {args.reps} repetition(s), {args.warmup_tokens} warm-up "
+            f"token(s)): results are indicative only, not for comparison; short runs vary a lot from run "
+            f"to run. {spread_note(rows, args.reps)} Load average during the runs: {load}. "
+            f"For numbers, run without --quick ({FULL['tokens']} tokens, {FULL['reps']} interleaved "
+            "repetitions, medians).")
+
+
+def _load_average() -> str:
+    try:
+        one = os.getloadavg()[0]
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} (1 min) on {os.cpu_count()} cores"
+
+
 def model_sizes(model: Path) -> Dict[str, int]:
     resident = sum(f.stat().st_size for f in model.glob("model*.safetensors"))
     experts = 0
@@ -305,6 +342,27 @@ def model_sizes(model: Path) -> Dict[str, int]:
 
         experts = load_layout(model / "experts").total_nbytes
     return {"resident_bytes": resident, "expert_bytes": experts}
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def model_folder(value: str, what: str = "--model") -> Path:
+    """--model as a folder on this machine (bench reads its files itself); a
+    Hub id is downloaded first, as mlx_lm.load does. Raises ValueError."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{what} {value}: is a file, not a model folder")
+    if not _HUB_ID.fullmatch(value):
+        raise ValueError(f"{what} {value}: no such folder (a Hugging Face Hub id has the form org/name)")
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(value))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {value}: no such folder here, and not a Hub repo that can be fetched ({e})") from e
 
 
 def parse_limit(value: str, total: int) -> int:
@@ -368,6 +426,17 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_series(rows: List[dict]) -> dict:
+    """What the PNG draws: the odmoe curve (one point per budget) and the
+    contenders with every expert resident, which are horizontal reference
+    lines and never points of the curve."""
+    pts = sorted((r for r in rows if r["kind"] == "odmoe" and r.get("residency") and r.get("decode_tok_s")),
+                 key=lambda r: r["residency"])
+    return {"odmoe": [(100 * r["residency"], r["decode_tok_s"], r.get("hit_rate") or 0) for r in pts],
+            "references": [(r["name"], r["decode_tok_s"]) for r in rows
+                           if r["kind"] in ("stock", "resident", "llamacpp") and r.get("decode_tok_s")]}
+
+
 def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
     try:
         import matplotlib
@@ -376,18 +445,17 @@ def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    pts = sorted((r for r in rows if r.get("residency") and r.get("decode_tok_s")), key=lambda r: r["residency"])
-    base = rows[0] if rows and rows[0]["kind"] in ("stock", "resident") else None
+    series = plot_series(rows)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    x = [100 * r["residency"] for r in pts]
-    a1.plot(x, [r["decode_tok_s"] for r in pts], "o-", label="odmoe")
-    if base and base.get("decode_tok_s"):
-        a1.axhline(base["decode_tok_s"], color="gray", ls="--", label=base["name"])
+    x = [p[0] for p in series["odmoe"]]
+    a1.plot(x, [p[1] for p in series["odmoe"]], "o-", label="odmoe")
+    for (name, tok_s), ls in zip(series["references"], ("--", ":", "-.")):
+        a1.axhline(tok_s, color="gray", ls=ls, label=f"{name} (all resident)")
     a1.set_xlabel("experts resident (% per layer)")
     a1.set_ylabel("decode tok/s")
     a1.set_ylim(bottom=0)
-    a1.legend()
-    a2.plot(x, [r.get("hit_rate") or 0 for r in pts], "o-", color="tab:orange")
+    a1.legend(fontsize=8)
+    a2.plot(x, [p[2] for p in series["odmoe"]], "o-", color="tab:orange")
     a2.set_xlabel("experts resident (% per layer)")
     a2.set_ylabel("expert cache hit rate")
     a2.set_ylim(0, 1.02)
@@ -419,14 +487,16 @@ def _machine() -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mlx_lm_odmoe.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="odmoe model folder (sharded layout).")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="The same as --model.")
+    p.add_argument("--model", help="odmoe model folder (sharded layout) or Hugging Face Hub id (org/name).")
     p.add_argument("--stock", help="Stock mlx-lm checkpoint of the same model: the all-resident baseline "
                    "(default: the odmoe folder's experts in a MemoryStore).")
     p.add_argument("--gguf", help="GGUF of the same model: adds llama.cpp (llama-cpp-python, mmap) as a contender.")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="Comma-separated odmoe budgets. Default: " + DEFAULT_BUDGETS.replace("%", "%%"))
-    p.add_argument("--tokens", type=int, default=128, help="Tokens per measured run. Default: 128")
-    p.add_argument("--reps", type=int, default=3, help="Interleaved repetitions. Default: 3")
-    p.add_argument("--warmup-tokens", type=int, default=4, help="Tokens decoded before each measured run. Default: 4")
+    p.add_argument("--tokens", type=int, help=f"Tokens per measured run. Default: {FULL['tokens']}")
+    p.add_argument("--reps", type=int, help=f"Interleaved repetitions. Default: {FULL['reps']}")
+    p.add_argument("--warmup-tokens", type=int,
+                   help=f"Tokens decoded before each measured run. Default: {FULL['warmup_tokens']}")
     p.add_argument("--prompt-file", help="Prompt text (default: a fixed Python snippet).")
     p.add_argument("--prompt-tokens", type=int, help="Keep only the prompt's first N tokens (slow CPUs, big models).")
     p.add_argument("--cold", action="store_true", help="Drop the page cache before every run (root).")
@@ -435,19 +505,30 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900, help="Seconds before a contender is killed. Default: 900")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores).")
     p.add_argument("--no-baseline", action="store_true", help="Skip the all-resident baseline.")
-    p.add_argument("--quick", action="store_true", help="Smoke run: 8 tokens, 1 repetition, 1 warm-up token.")
+    p.add_argument("--quick", action="store_true",
+                   help="Smoke run: 8 tokens, 1 repetition, 1 warm-up token unless given (indicative only).")
     p.add_argument("--title", help="Title of the report.")
     p.add_argument("--out", default="bench-out", help="Output folder. Default: bench-out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.model and args.model_arg:
+        p.error("give the model once: as MODEL or as --model")
+    what = "--model" if args.model else "MODEL"
+    args.model = args.model or args.model_arg
     if not args.model:
         p.error("--model is required")
-    if args.quick:
-        args.tokens, args.reps, args.warmup_tokens = 8, 1, 1
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
-    model = Path(args.model)
+    try:
+        model = model_folder(args.model, what)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.model = str(model)  # the contenders load the folder just resolved
     sizes = model_sizes(model)
     model_bytes = sizes["resident_bytes"] + sizes["expert_bytes"]
     cgroup_limit = None
@@ -473,6 +554,7 @@ def main(argv=None):
     specs = [dict(c, **common) for c in _contenders(args)]
 
     runs: Dict[str, List[dict]] = {s["name"]: [] for s in specs}
+    load_start = _load_average()
     for rep in range(args.reps):
         for spec in specs:
             row = run_contender(spec, args, cgroup_limit)
@@ -494,6 +576,7 @@ def main(argv=None):
                f"{args.warmup_tokens} warm-up tokens, {args.reps} interleaved repetition(s), medians",
         "page cache": "dropped before every run (cold)" if (args.cold or cgroup_limit) else "warm (files may be cached by the OS)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load average": f"{load_start} at the start, {_load_average()} at the end",
     }
     if cgroup_limit:
         facts["memory cgroup limit"] = f"{_gb(cgroup_limit)} ({cgroup_limit / model_bytes:.0%} of the model's {_gb(model_bytes)})"
@@ -502,6 +585,8 @@ def main(argv=None):
              "less sensitive than wall time to other programs competing for the cores, blind to waiting on disk. "
              "Peak RSS is the contender process's ru_maxrss (load included). Hit rate, bytes read and fetch "
              "latency cover the measured run only (after warm-up)."]
+    variability = quick_note(args, rows, facts["load average"]) if args.quick else spread_note(rows, args.reps)
+    notes = [variability, ""] + notes
     meta = {"title": args.title or f"odmoe residency benchmark: {model.name}", "facts": facts,
             "cgroup": bool(cgroup_limit), "notes": notes}
     out = Path(args.out)

@@ -95,6 +95,26 @@ def sizes_from_folder(model: Path) -> Dict:
             "probe_file": shard, "kv_bytes": _float_bytes(config)}
 
 
+def check_folder(model: Path) -> None:
+    """Run the checks mlx-lm's load runs on the expert files (the index,
+    every shard's size and header, their shapes against config.json),
+    reading no expert: a folder that would not load fails here. Raises
+    LayoutError (a ValueError) naming the file and the fix."""
+    from mlx_lm.utils import load_config
+
+    from .loading import odmoe_model_config
+    from .runtime import ExpertRuntime
+
+    raw = load_config(model)
+    config = _text(raw)
+    moe_layers = _moe_layers(config)
+    expected = {"num_experts": config.get("num_experts") or config["n_routed_experts"], "moe_layers": moe_layers,
+                "hidden_size": config["hidden_size"], "moe_intermediate_size": config["moe_intermediate_size"]}
+    settings = odmoe_model_config(model, raw)["odmoe"]
+    runtime = ExpertRuntime(settings, config["num_experts_per_tok"], config["num_hidden_layers"], expected)
+    runtime.validate()
+
+
 def _embedding_bytes(model: Path) -> int:
     n = 0
     for f in model.glob("model*.safetensors"):
@@ -108,9 +128,10 @@ def _float_bytes(config: dict) -> int:
 
 
 def _moe_layers(config: dict):
-    from conversion.convert import build_skeleton, odmoe_config
+    from conversion.convert import ODMOE_TYPES, build_skeleton, odmoe_config
 
-    model = build_skeleton(odmoe_config(config))
+    converted = config.get("model_type") in ODMOE_TYPES.values()
+    model = build_skeleton(dict(config) if converted else odmoe_config(config))
     return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
 
 
@@ -361,6 +382,7 @@ def main(argv=None):
     try:
         if args.model:
             sizes = sizes_from_folder(Path(args.model))
+            check_folder(Path(args.model))
             name = args.model
         else:
             cfg = json.loads(Path(args.config).read_text())
@@ -368,6 +390,8 @@ def main(argv=None):
             name = f"{args.config} (as a {args.bits}-bit, group {args.group_size} conversion)"
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if args.model:
+            print("error: mlx_lm.load would refuse this folder too; no forecast made", file=sys.stderr)
         return 2
     memory = parse_budget(args.memory, physical_memory()) if args.memory else physical_memory()
     headroom = parse_budget(args.headroom, memory)

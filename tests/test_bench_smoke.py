@@ -2,12 +2,23 @@
 No timing is asserted here; timings belong in benchmarks/."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mlx_lm_odmoe import bench, doctor, large_synthetic
 from tests.conftest import DATA
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models"
+
+
+def run_cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +73,55 @@ def test_bench_quick_writes_table_and_plot(synth, tmp_path):
     assert [r["status"] for r in rows] == ["ok"] * 3
     # Same ids, greedy, EOS banned: every contender makes the same tokens.
     assert all(r["tokens"] == rows[0]["tokens"] and len(r["tokens"]) == 8 for r in rows)
+    # A smoke run says it is one, how far to trust it, and what to run instead.
+    notes = json.loads((out / "results.json").read_text())["meta"]["notes"]
+    for text in (table, notes[0]):
+        assert "indicative only" in text and "not measured (1 repetition)" in text
+        assert "run without --quick" in text and "Load average" in text
+    # The all-resident baseline is a reference line, not a point of the odmoe curve.
+    series = bench.plot_series(rows)
+    assert [x for x, _, _ in series["odmoe"]] == [50.0, 100.0]
+    odmoe_100 = next(r for r in rows if r["name"] == "odmoe@100%")
+    assert series["odmoe"][-1][1] == odmoe_100["decode_tok_s"]
+    assert series["references"] == [("resident (MemoryStore)", rows[0]["decode_tok_s"])]
+
+
+def test_bench_plot_draws_baselines_apart_from_the_odmoe_curve():
+    rows = [{"name": "stock mlx-lm", "kind": "stock", "residency": 1.0, "decode_tok_s": 90.0, "hit_rate": 1.0},
+            {"name": "odmoe@100%", "kind": "odmoe", "residency": 1.0, "decode_tok_s": 80.0, "hit_rate": 1.0},
+            {"name": "odmoe@25%", "kind": "odmoe", "residency": 0.25, "decode_tok_s": 20.0, "hit_rate": 0.4},
+            {"name": "llama.cpp (mmap)", "kind": "llamacpp", "decode_tok_s": 50.0}]
+    series = bench.plot_series(rows)
+    assert series["odmoe"] == [(25.0, 20.0, 0.4), (100.0, 80.0, 1.0)]
+    assert series["references"] == [("stock mlx-lm", 90.0), ("llama.cpp (mmap)", 50.0)]
+
+
+def test_bench_spread_note_reports_the_spread_between_repetitions():
+    rows = [{"name": "odmoe@50%", "decode_tok_s": 40.0, "decode_tok_s_min": 30.0, "decode_tok_s_max": 50.0},
+            {"name": "odmoe@100%", "decode_tok_s": 80.0, "decode_tok_s_min": 78.0, "decode_tok_s_max": 82.0}]
+    assert bench.spread_note(rows, 3) == ("Decode tok/s varied by up to 50% of the median between repetitions "
+                                          "(odmoe@50%: 30.00 to 50.00 tok/s).")
+
+
+def test_bench_on_a_missing_folder_says_so(tmp_path):
+    for args in ([tmp_path / "does-not-exist"], ["--model", "does-not-exist"]):
+        proc = run_cli("mlx_lm_odmoe.bench", *args, "--out", tmp_path / "out")
+        assert proc.returncode == 2
+        assert "does-not-exist: no such folder" in proc.stderr and "org/name" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_doctor_refuses_a_folder_the_loader_would_refuse(tmp_path):
+    folder = tmp_path / "tiny-qwen2-moe"
+    shutil.copytree(SHIPPED / "tiny-qwen2-moe", folder)
+    shard = next((folder / "experts").glob("experts-*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    proc = run_cli("mlx_lm_odmoe.doctor", folder, "--no-probe")
+    assert proc.returncode == 2
+    assert f"{shard.name}: expert shard is" in proc.stderr and "truncated" in proc.stderr
+    assert "fits entirely" not in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_doctor_on_a_model_folder(synth, capsys):
