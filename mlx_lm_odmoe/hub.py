@@ -10,13 +10,11 @@ needed — or all of them at load with ``odmoe.hub_download = "all"`` /
 ``MLX_LM_ODMOE_HUB_DOWNLOAD=all``.
 """
 
-import os
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 from .layout import EXPERTS_DIR
 
-DOWNLOAD_ENV_VAR = "MLX_LM_ODMOE_HUB_DOWNLOAD"
 
 
 class HubSnapshot(NamedTuple):
@@ -49,7 +47,3 @@ def shard_resolver(snapshot: HubSnapshot) -> Callable[[str], Path]:
         )
 
     return resolve
-
-
-def wants_all_up_front(settings: dict) -> bool:
-    return (os.environ.get(DOWNLOAD_ENV_VAR) or settings.get("hub_download", "lazy")) == "all"

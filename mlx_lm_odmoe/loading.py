@@ -2,38 +2,32 @@
 
 from pathlib import Path
 
-# Stock model types whose stacked experts can be read in place.
-IN_PLACE_TYPES = {
-    "qwen2_moe": "qwen2_moe_odmoe",
-    "deepseek_v3": "kimi_k2_odmoe",
-    "kimi_k2": "kimi_k2_odmoe",
-    "kimi_k25": "kimi_k2_odmoe",
-}
-ODMOE_TYPES = ("qwen2_moe_odmoe", "kimi_k2_odmoe")
+from .model_types import is_odmoe_type, odmoe_type_for, supported_sources
+from .settings import LOAD_KEY
 
 
 def odmoe_model_config(model_path: Path, config: dict, expert_cache=None, model_config=None) -> dict:
     """The ``model_config`` overrides that make mlx-lm load ``model_path``
     with on-demand experts."""
     mc = dict(model_config or {})
-    odmoe = dict(config.get("odmoe") or {})
-    odmoe.update(mc.pop("odmoe", None) or {})
-    odmoe["model_path"] = str(model_path)
+    # load() arguments (and model_config's odmoe keys) beat the environment.
+    given = dict(mc.pop("odmoe", None) or {})
+    given["model_path"] = str(model_path)
     if expert_cache is not None:
-        odmoe["expert_cache_override"] = expert_cache
+        given["expert_cache"] = expert_cache
     model_type = config.get("model_type")
-    if model_type in IN_PLACE_TYPES:
-        mc["model_type"] = IN_PLACE_TYPES[model_type]
-        odmoe["source"] = "mlx"
+    if odmoe_type_for(model_type):
+        mc["model_type"] = odmoe_type_for(model_type)
+        given["source"] = "mlx"
         q = config.get("quantization")
         if q:
-            odmoe["quantization"] = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
-    elif model_type not in ODMOE_TYPES:
+            given["quantization"] = {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
+    elif not is_odmoe_type(model_type):
         raise ValueError(
             f"{model_path / 'config.json'}: model_type {model_type!r} is not a MoE type "
-            f"odmoe can run (expected one of {sorted(ODMOE_TYPES + tuple(IN_PLACE_TYPES))})"
+            f"odmoe can run (expected an odmoe folder or one of {supported_sources()})"
         )
-    mc["odmoe"] = odmoe
+    mc["odmoe"] = {**(config.get("odmoe") or {}), LOAD_KEY: given}
     return mc
 
 

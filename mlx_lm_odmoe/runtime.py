@@ -8,24 +8,19 @@ config.json). The store is opened when mlx-lm sanitizes the weights (so a
 bad budget fails at load) or, failing that, on the first forward pass.
 """
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .budget import resolve_budget, slots_for_budget
-
-PATH_ENV_VAR = "MLX_LM_ODMOE_MODEL_PATH"
-PREDICTOR_ENV_VAR = "MLX_LM_ODMOE_PREDICTOR"
-POLICY_ENV_VAR = "MLX_LM_ODMOE_POLICY"
+from .settings import ENV_PREFIX, Settings
 
 
-def find_model_dir(settings: dict) -> Optional[Path]:
-    if settings.get("resolve") is False:
+def find_model_dir(settings: Settings) -> Optional[Path]:
+    if not settings.resolve:
         return None
-    for candidate in (settings.get("model_path"), os.environ.get(PATH_ENV_VAR)):
-        if candidate:
-            return Path(candidate)
+    if settings.model_path:
+        return Path(settings.model_path)
     frame = sys._getframe(1)
     while frame is not None:
         p = frame.f_locals.get("model_path")
@@ -38,8 +33,8 @@ def find_model_dir(settings: dict) -> Optional[Path]:
 class ExpertRuntime:
     """Owns the expert store of one model; blocks reach it lazily."""
 
-    def __init__(self, settings: Optional[dict], top_k: int, num_layers: int, expected: Optional[dict] = None):
-        self.settings = dict(settings or {})
+    def __init__(self, settings, top_k: int, num_layers: int, expected: Optional[dict] = None):
+        self.settings = Settings.from_model_args(settings)
         self.top_k = top_k
         self.num_layers = num_layers
         self.expected = expected
@@ -48,15 +43,11 @@ class ExpertRuntime:
         self.observers = []  # callables (layer, block input, router ids)
         self.predictor = None  # an ExpertPredictor feeding store.prefetch
         self.model_ref = None  # weakref to the model, for predictors
-        # Prefetch settings chosen on the trained models: one layer ahead
-        # (trace replay, benchmarks/results/predict), guesses with p >= 0.125
-        # (online at 25%: wasted bytes 0.16x / 0.06x the miss bytes with
-        # +11 / +32 points of hit rate over LRU; p >= 0.1 wasted 0.26x).
-        self.prefetch_distance = int(self.settings.get("prefetch_distance", 1))
-        self.prefetch_min_prob = float(self.settings.get("prefetch_min_prob", 0.125))
+        self.prefetch_distance = self.settings.prefetch_distance
+        self.prefetch_min_prob = self.settings.prefetch_min_prob
         # Predict at every n-th MoE layer only, each time for the next
         # prefetch_distance layers: fewer, wider predictions cost less.
-        self.prefetch_stride = int(self.settings.get("prefetch_stride", 1))
+        self.prefetch_stride = self.settings.prefetch_stride
         self.prefetch_state = "off"  # why prediction is or is not running
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)
@@ -102,7 +93,7 @@ class ExpertRuntime:
         layout = reader.layout
         layers = self._layers(layout)
         self.budget, slots = self._plan(layout, len(layers))
-        staging = int(self.settings.get("prefetch_staging", 4))
+        staging = self.settings.prefetch_staging
         if slots < layout.num_experts and self.predictor is None:
             self.predictor = self._load_predictor(reader)
         if self.predictor is not None:
@@ -111,11 +102,10 @@ class ExpertRuntime:
             slots -= staging
             if staging <= 0:
                 self.predictor = None
-        interval = self.settings.get("log_interval")
-        telemetry = Telemetry(layout.moe_layers, layout.num_experts, None if interval is None else float(interval))
-        store = CachedStore(reader, slots, policy=self._policy(), threads=int(self.settings.get("read_threads", 4)),
+        telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
+        store = CachedStore(reader, slots, policy=self._policy(), threads=self.settings.read_threads,
                             telemetry=telemetry, max_staged=max(staging, 0) * len(layers))
-        if store.identity and self.settings.get("preload", True):
+        if store.identity and self.settings.preload:
             store.warm(layers)
         self._store = store
         return store
@@ -126,19 +116,13 @@ class ExpertRuntime:
         from .predict.policies import LFUDecayPolicy
         from .store import LRUPolicy
 
-        name = os.environ.get(POLICY_ENV_VAR) or self.settings.get("policy", "lfu-decay")
-        policies = {"lru": LRUPolicy, "lfu-decay": LFUDecayPolicy}
-        if name not in policies:
-            raise ValueError(f"unknown odmoe cache policy {name!r}; use one of {sorted(policies)}")
-        return policies[name]()
+        return {"lru": LRUPolicy, "lfu-decay": LFUDecayPolicy}[self.settings.policy]()
 
     def _load_predictor(self, reader):
         """The model folder's shadow model: ``on``, ``off``, or ``auto``
         (the default), which uses it only when reads are slow enough for
         prefetching to pay for the prediction."""
-        choice = os.environ.get(PREDICTOR_ENV_VAR) or self.settings.get("predictor", "auto")
-        if choice not in ("auto", "on", "off"):
-            raise ValueError(f"unknown odmoe predictor setting {choice!r}; use 'auto', 'on' or 'off'")
+        choice = self.settings.predictor
         model = self.model_ref() if self.model_ref else None
         if choice == "off" or model is None:
             self.prefetch_state = "off"
@@ -159,7 +143,7 @@ class ExpertRuntime:
             # Experts that arrive in microseconds (page cache, small experts)
             # leave no read time to hide: prediction would only cost time.
             t = probe_read_seconds(reader)
-            floor = float(self.settings.get("prefetch_min_read_ms", 0.5)) / 1e3
+            floor = self.settings.prefetch_min_read_ms / 1e3
             if t < floor:
                 self.prefetch_state = f"off (reads take {t * 1e3:.2f} ms < {floor * 1e3:g} ms)"
                 return None
@@ -173,7 +157,7 @@ class ExpertRuntime:
     def _plan(self, layout, num_layers=None):
         """(budget bytes, slots per layer) for ``num_layers`` MoE layers."""
         n = num_layers or len(layout.moe_layers)
-        budget = resolve_budget(self.settings.get("expert_cache_override"), self.settings.get("expert_cache"), layout.total_nbytes)
+        budget = resolve_budget(self.settings.expert_cache, None, layout.total_nbytes)
         slots = slots_for_budget(budget, layout.record_nbytes, n, layout.num_experts, self.top_k)
         return slots * layout.record_nbytes * n, slots
 
@@ -182,38 +166,37 @@ class ExpertRuntime:
             raise RuntimeError(
                 "odmoe: cannot tell which folder this model was loaded from. Load it "
                 "with mlx_lm.load()/mlx_lm_odmoe.load(), or set "
-                f"${PATH_ENV_VAR} or config.json's odmoe.model_path."
+                f"${ENV_PREFIX}MODEL_PATH or config.json's odmoe.model_path."
             )
         from .store import StackedCheckpointReader
 
-        source = self.settings.get("source", "sharded")
-        if source == "sharded":
+        if self.settings.source == "sharded":
             reader = self._sharded_reader()
-        elif source == "mlx":
-            reader = StackedCheckpointReader(
-                Path(self.settings.get("checkpoint", self.model_dir)),
-                self.num_layers,
-                self.settings.get("quantization"),
-            )
         else:
-            raise ValueError(f"{self.model_dir / 'config.json'}: unknown odmoe.source {source!r} (use 'sharded' or 'mlx')")
+            reader = StackedCheckpointReader(
+                Path(self.settings.checkpoint or self.model_dir),
+                self.num_layers,
+                self.settings.quantization,
+                drop_cache=self.settings.drop_page_cache,
+            )
         if self.expected:
             check_layout(reader.layout, self.expected, getattr(reader, "index_path", self.model_dir))
         return reader
 
     def _sharded_reader(self):
-        from .hub import hub_snapshot, shard_resolver, wants_all_up_front
+        from .hub import hub_snapshot, shard_resolver
         from .layout import EXPERTS_DIR, load_layout
         from .store import ShardedFolderReader
 
+        drop = self.settings.drop_page_cache
         snapshot = hub_snapshot(self.model_dir)
         if snapshot is None:
-            return ShardedFolderReader(self.model_dir)
+            return ShardedFolderReader(self.model_dir, drop_cache=drop)
         layout = load_layout(self.model_dir / EXPERTS_DIR)
         if all((self.model_dir / EXPERTS_DIR / s["file"]).exists() for s in layout.shards):
-            return ShardedFolderReader(self.model_dir)  # already in the cache
-        reader = ShardedFolderReader(self.model_dir, resolve=shard_resolver(snapshot))
-        if wants_all_up_front(self.settings):
+            return ShardedFolderReader(self.model_dir, drop_cache=drop)  # already in the cache
+        reader = ShardedFolderReader(self.model_dir, resolve=shard_resolver(snapshot), drop_cache=drop)
+        if self.settings.hub_download == "all":
             for i in range(len(layout.shards)):
                 reader.shard_path(i)
         return reader

@@ -95,20 +95,17 @@ def record_to_arrays(buf: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.arra
     return out
 
 
-# After reading an expert the store holds its own copy; telling the kernel
-# to drop those pages keeps the page cache from holding a second copy of
-# every expert read (which, under a memory limit, competes with the budget).
-DROP_CACHE_ENV_VAR = "MLX_LM_ODMOE_DROP_PAGE_CACHE"
-
-
 class _Files:
-    """Read-only file descriptors opened on first use, shared by threads."""
+    """Read-only file descriptors opened on first use, shared by threads.
 
-    def __init__(self, drop_cache: bool = None):
+    ``drop_cache``: after reading an expert the store holds its own copy;
+    telling the kernel to drop those pages keeps the page cache from holding
+    a second copy of every expert read (which, under a memory limit,
+    competes with the budget)."""
+
+    def __init__(self, drop_cache: bool = False):
         self._fds: Dict[Path, int] = {}
         self._lock = threading.Lock()
-        if drop_cache is None:
-            drop_cache = os.environ.get(DROP_CACHE_ENV_VAR, "0") not in ("0", "", "false")
         self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
 
     def fd(self, path: Path) -> int:
@@ -169,7 +166,8 @@ class ShardedFolderReader(ExpertReader):
     on first use.
     """
 
-    def __init__(self, model_dir: Path, resolve: Optional[Callable[[str], Path]] = None, verify: bool = True):
+    def __init__(self, model_dir: Path, resolve: Optional[Callable[[str], Path]] = None, verify: bool = True,
+                 drop_cache: bool = False):
         self.experts_dir = Path(model_dir) / EXPERTS_DIR
         self.index_path = self.experts_dir / "index.json"
         self.layout = load_layout(self.experts_dir)
@@ -180,7 +178,7 @@ class ShardedFolderReader(ExpertReader):
         self._paths: Dict[int, Path] = {}
         self._lock = threading.Lock()
         self._check_index()
-        self._files = _Files()
+        self._files = _Files(drop_cache)
         if resolve is None:  # local shards: check them all now, at load
             for i in range(len(self._names)):
                 self.shard_path(i)
@@ -282,7 +280,7 @@ class StackedCheckpointReader(ExpertReader):
     model is needed on disk.
     """
 
-    def __init__(self, model_dir: Path, num_layers: int, quantization: dict = None):
+    def __init__(self, model_dir: Path, num_layers: int, quantization: dict = None, drop_cache: bool = False):
         self.model_dir = Path(model_dir)
         files = sorted(self.model_dir.glob("model*.safetensors"))
         if not files:
@@ -317,7 +315,7 @@ class StackedCheckpointReader(ExpertReader):
             tensors=record_specs(tensors),
             quantization=quantization,
         )
-        self._files = _Files()
+        self._files = _Files(drop_cache)
 
     @staticmethod
     def _layer_entries(found, l):
