@@ -48,7 +48,7 @@ def run(model_dir, settings, budget, tokens):
                                        logits_processors=[no_eos]):
         pass
     mx.synchronize()
-    s = mlx_lm_odmoe.stats(model)
+    s = mlx_lm_odmoe.stats(model).to_dict()
     s["tps"] = last.generation_tps
     s["predictor_ms"] = predictor_ms(model) if model.expert_runtime.predictor else None
     return s

@@ -22,7 +22,8 @@ def load(path_or_hf_repo, expert_cache=None, **kwargs):
 
 
 def stats(model):
-    """Telemetry of a loaded odmoe model as a plain dict (see telemetry.py)."""
+    """Telemetry of a loaded odmoe model: an :class:`~mlx_lm_odmoe.telemetry.ExpertStats`
+    (attributes, ``stats["hits"]`` too, and ``to_dict()`` for JSON)."""
     from .runtime import runtime_of
 
     return runtime_of(model).stats()

@@ -14,6 +14,7 @@ from typing import Optional
 
 from .budget import resolve_budget, slots_for_budget
 from .settings import ENV_PREFIX, Settings
+from .telemetry import ExpertStats, LayerStats
 
 
 def find_model_dir(settings: Settings) -> Optional[Path]:
@@ -201,18 +202,20 @@ class ExpertRuntime:
                 reader.shard_path(i)
         return reader
 
-    def stats(self) -> dict:
+    def stats(self) -> ExpertStats:
         store = self.store
         snap = store.telemetry.snapshot()
-        snap.update(
+        per_layer = {l: LayerStats(**v) for l, v in snap.pop("per_layer").items()}
+        return ExpertStats(
             budget_bytes=getattr(self, "budget", None),
             resident_bytes=store.resident_nbytes(),
             slots_per_layer=store.capacity(store.layout.moe_layers[0]),
             num_experts=store.layout.num_experts,
-            prefetch=self.prefetch_state,
             expert_nbytes=store.layout.record_nbytes,
+            prefetch=self.prefetch_state,
+            per_layer=per_layer,
+            **snap,
         )
-        return snap
 
 
 def check_layout(layout, expected: dict, where) -> None:

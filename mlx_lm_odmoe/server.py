@@ -20,10 +20,7 @@ from queue import Empty as QueueEmpty
 def expert_stats(model) -> dict:
     from .runtime import runtime_of
 
-    s = runtime_of(model).stats()
-    s.pop("expert_use", None)  # large; available from Python
-    s["per_layer"] = {str(l): v for l, v in s["per_layer"].items()}
-    return s
+    return runtime_of(model).stats().to_dict(expert_use=False)  # expert_use is large; Python has it
 
 
 def _make_classes():

@@ -9,12 +9,14 @@ thread computing the model folds (the "owner"); a reader on another thread
 """
 
 import bisect
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections import deque
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -219,3 +221,55 @@ def load_balance_coefficient(counts: np.ndarray):
         return None
     f = counts / total
     return float(len(counts) * (f * f).sum())
+
+
+# -- what mlx_lm_odmoe.stats(model) returns ----------------------------------
+
+@dataclass(frozen=True)
+class LayerStats:
+    hits: int
+    misses: int
+    hit_rate: Optional[float]
+    load_balance: Optional[float]  # E * sum(f_i^2): 1 even, E all to one expert
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    # The cache
+    budget_bytes: Optional[int]
+    resident_bytes: int
+    slots_per_layer: int
+    num_experts: int
+    expert_nbytes: int  # one expert's record
+    # What the routers asked for and how it was served
+    hits: int
+    misses: int
+    hit_rate: Optional[float]
+    bytes_read: int
+    evictions: int
+    fetch_latency_p50_ms: Optional[float]
+    fetch_latency_p99_ms: Optional[float]
+    fetch_latency_histogram_us: Dict[str, List[int]]  # {"edges": [...], "counts": [...]}
+    load_balance: Optional[float]
+    per_layer: Dict[int, LayerStats]
+    expert_use: Dict[int, List[int]]  # layer -> routes per expert
+    # Prediction
+    prefetch: str  # "on", or "off (why)"
+    prefetched_bytes: int
+    prefetch_hits: int
+    wasted_bytes: int
+    predictor_recall: Optional[float]
+
+    def __getitem__(self, key):
+        # Scripts written against the dict this used to be keep working.
+        return getattr(self, key)
+
+    def to_dict(self, expert_use: bool = True) -> dict:
+        """Plain JSON-ready values (layer keys as strings)."""
+        d = dataclasses.asdict(self)
+        d["per_layer"] = {str(l): v for l, v in d["per_layer"].items()}
+        if expert_use:
+            d["expert_use"] = {str(l): v for l, v in d["expert_use"].items()}
+        else:
+            d.pop("expert_use")
+        return d
