@@ -122,7 +122,7 @@ class MLXSource:
         return out
 
     def expert(self, layer, expert):
-        from mlx_lm_odmoe.store.readers import record_to_arrays
+        from mlx_lm_odmoe.store.records import record_to_arrays
 
         return record_to_arrays(self.reader.read(layer, expert), self.reader.layout)
 

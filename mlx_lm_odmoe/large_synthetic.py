@@ -232,7 +232,7 @@ def export_stock(model_dir, out, force: bool = False, progress: bool = True) -> 
     from conversion.atomic import atomic_dir
 
     from .store import ShardedFolderReader
-    from .store.readers import record_to_arrays
+    from .store.records import record_to_arrays
 
     model_dir = Path(model_dir)
     config = _odmoe_config(model_dir)
@@ -311,7 +311,7 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
     from conversion.gguf_source import EXPERT_TENSORS, GLOBAL_TENSORS
 
     from .store import ShardedFolderReader
-    from .store.readers import record_to_arrays
+    from .store.records import record_to_arrays
 
     model_dir, path = Path(model_dir), Path(path)
     config = _odmoe_config(model_dir)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 import mlx_lm_odmoe
 from mlx_lm_odmoe.budget import BudgetError, parse_budget, slots_for_budget
 from mlx_lm_odmoe.store import CachedStore, LRUPolicy, ShardedFolderReader, StackedCheckpointReader
-from mlx_lm_odmoe.store.readers import record_to_arrays
+from mlx_lm_odmoe.store.records import record_to_arrays
 
 
 def test_shards_are_real_safetensors_with_each_expert_contiguous(models):

@@ -15,7 +15,8 @@ from ..layout import ExpertLayout
 from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
-from .readers import ExpertReader, records_to_arrays
+from .readers import ExpertReader
+from .records import mx_dtype, records_to_arrays
 
 
 def _return_large_frees_to_the_os():
@@ -38,7 +39,7 @@ class _LayerSlots:
 
     def __init__(self, layout: ExpertLayout, slots: int):
         self.pool: Pool = {
-            t.name: mx.zeros((slots,) + t.shape, dtype=_mx_dtype(t.dtype)) for t in layout.tensors
+            t.name: mx.zeros((slots,) + t.shape, dtype=mx_dtype(t.dtype)) for t in layout.tensors
         }
         mx.eval(self.pool)
         self.expert_slot = np.full(layout.num_experts, -1, dtype=np.int64)
@@ -46,17 +47,12 @@ class _LayerSlots:
         self.free = list(range(slots - 1, -1, -1))
 
 
-def _mx_dtype(st_dtype: str):
-    from ..layout import DTYPES
-
-    return getattr(mx, DTYPES[st_dtype][1])
-
-
 class CachedStore(ExpertStore):
     """Keeps up to ``slots_per_layer`` experts of each MoE layer resident.
 
     Misses are read by a thread pool of positional reads and copied into a
-    victim slot chosen by ``policy`` (LRU by default). When a layer has a slot
+    victim slot chosen by ``policy`` (LRU if none is given; the runtime uses
+    LFU with decay). When a layer has a slot
     for every expert, expert ``e`` always sits in slot ``e`` and, once all are
     resident, the block takes the no-sync fast path.
     """

@@ -19,7 +19,7 @@ class MemoryStore(ExpertStore):
 
     @classmethod
     def from_reader(cls, reader, telemetry=None):
-        from .readers import record_to_arrays
+        from .records import record_to_arrays
 
         layout = reader.layout
         pools = {}

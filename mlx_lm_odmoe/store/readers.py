@@ -2,7 +2,7 @@
 
 A reader does I/O only (``os.pread`` releases the GIL, so a thread pool reads
 experts in parallel); turning bytes into mlx arrays happens on the caller's
-thread via :func:`record_to_arrays`.
+thread (``store/records.py``).
 """
 
 import errno
@@ -10,13 +10,11 @@ import os
 import threading
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-import mlx.core as mx
 import numpy as np
 
 from ..layout import (
-    DTYPES,
     EXPERTS_DIR,
     PROJECTIONS,
     ExpertLayout,
@@ -49,23 +47,6 @@ class ExpertReader:
         pass
 
 
-def records_to_arrays(records: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.array]:
-    """[m, record_nbytes] uint8 -> {tensor name: [m, *shape] array}."""
-    # Split on the host (numpy views, free) and convert each tensor: on CPU
-    # a device-side slice and view per tensor costs more than the copies.
-    m = records.shape[0]
-    out = {}
-    for t in layout.tensors:
-        raw = records[:, t.offset : t.offset + t.nbytes]
-        if m > 1:  # numpy gathers the strided rows fast; mx.array copies them element by element
-            raw = np.ascontiguousarray(raw)
-        a = mx.array(raw.view(t.np_dtype).reshape((m,) + tuple(t.shape)))
-        out[t.name] = a.view(mx.bfloat16) if t.dtype == "BF16" else a
-    return out
-
-_MX = {k: getattr(mx, v[1]) for k, v in DTYPES.items()}
-
-
 def probe_read_seconds(reader: "ExpertReader", n: int = 8) -> float:
     """Median time to read one expert record, over ``n`` records spread
     across layers and experts; infinite for readers that download."""
@@ -82,17 +63,6 @@ def probe_read_seconds(reader: "ExpertReader", n: int = 8) -> float:
         reader.read(layers[i % len(layers)], (i * 7919 + i // len(layers)) % E)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def record_to_arrays(buf: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.array]:
-    out = {}
-    for t in layout.tensors:
-        raw = np.frombuffer(buf, dtype=t.np_dtype, count=t.nbytes // np.dtype(t.np_dtype).itemsize, offset=t.offset)
-        a = mx.array(raw.reshape(t.shape))
-        if t.dtype == "BF16":
-            a = a.view(mx.bfloat16)
-        out[t.name] = a
-    return out
 
 
 class _Files:
