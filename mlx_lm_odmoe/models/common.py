@@ -24,13 +24,18 @@ def register_config(model_type: str, base):
         pass
 
 
+def moe_layers_of(model) -> list:
+    """Indices of the layers whose MLP routes to experts (``switch_mlp``)."""
+    return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+
+
 def is_expert_key(key: str) -> bool:
     return ".mlp.experts." in key or ".mlp.switch_mlp." in key
 
 
 def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
     """Give every MoE layer an on-demand block sharing one runtime."""
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    moe_layers = moe_layers_of(model)
     expected = {"num_experts": num_experts, "moe_layers": moe_layers,
                 "hidden_size": args.hidden_size, "moe_intermediate_size": args.moe_intermediate_size}
     runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers, expected)

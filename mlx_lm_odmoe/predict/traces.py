@@ -23,6 +23,8 @@ from typing import Dict, List
 import mlx.core as mx
 import numpy as np
 
+from ..models.common import moe_layers_of  # noqa: F401 (re-exported for research scripts)
+
 
 @dataclass
 class Trace:
@@ -89,10 +91,6 @@ def previous_topk(trace: Trace) -> np.ndarray:
     prev[:, starts] = -1
     prev[:, 0] = -1
     return prev
-
-
-def moe_layers_of(model) -> List[int]:
-    return [i for i, l in enumerate(model.model.layers) if "switch_mlp" in l.mlp]
 
 
 class Recorder:
