@@ -134,7 +134,7 @@ def _odmoe_stats(model) -> Optional[dict]:
     keys = ("hits", "misses", "hit_rate", "bytes_read", "evictions", "fetch_latency_p50_ms",
             "fetch_latency_p99_ms", "budget_bytes", "resident_bytes", "slots_per_layer", "num_experts",
             "expert_nbytes")
-    return {k: s.get(k) for k in keys}
+    return {k: s[k] for k in keys}
 
 
 def _reset_stats(model):
