@@ -28,6 +28,11 @@ def _distinct(ids: np.ndarray) -> np.ndarray:
     return np.unique(ids)
 
 
+def moe_layers_of(model) -> list:
+    """Indices of the layers whose MLP routes to experts (``switch_mlp``)."""
+    return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+
+
 class OnDemandSwitchGLU(nn.Module):
     def __init__(self, runtime, layer: int, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()

@@ -5,7 +5,7 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..block import OnDemandSwitchGLU
+from ..block import OnDemandSwitchGLU, moe_layers_of
 from ..runtime import ExpertRuntime
 
 _NON_TEXT_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector")
@@ -22,11 +22,6 @@ def register_config(model_type: str, base):
         AutoConfig.register(model_type, cls, exist_ok=True)
     except (TypeError, ValueError):  # older transformers: no exist_ok
         pass
-
-
-def moe_layers_of(model) -> list:
-    """Indices of the layers whose MLP routes to experts (``switch_mlp``)."""
-    return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
 
 
 def is_expert_key(key: str) -> bool:

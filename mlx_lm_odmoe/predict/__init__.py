@@ -28,7 +28,7 @@ def load_predictor(model, model_dir) -> Optional[ExpertPredictor]:
 def _check_matches(predictor, model, folder):
     from .routers import gate_of
     from .shadow import CONFIG_NAME
-    from ..models.common import moe_layers_of
+    from ..block import moe_layers_of
 
     cfg = predictor.net.config
     layers = moe_layers_of(model)

@@ -23,7 +23,7 @@ from typing import Dict, List
 import mlx.core as mx
 import numpy as np
 
-from ..models.common import moe_layers_of  # noqa: F401 (re-exported for research scripts)
+from ..block import moe_layers_of
 
 
 @dataclass
