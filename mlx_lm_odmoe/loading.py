@@ -1,9 +1,44 @@
 """``mlx_lm_odmoe.load``: mlx-lm's load with a budget and in-place checkpoints."""
 
+import re
 from pathlib import Path
 
+from .errors import BudgetError, ModelNotFoundError
 from .model_types import is_odmoe_type, odmoe_type_for, supported_sources
 from .settings import LOAD_KEY
+
+# What the Hub accepts as a repo id; anything else that is not a folder here
+# would only reach huggingface_hub's "Repo id must be in the form ..." error.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def resolve_model_path(path_or_repo, revision=None) -> Path:
+    """The local folder of a model: ``path_or_repo`` if it is a folder here,
+    else a Hub id (``org/name``) downloaded as ``mlx_lm.load`` does.
+
+    Raises :class:`~mlx_lm_odmoe.errors.ModelNotFoundError` (a
+    ``FileNotFoundError``) with a message naming the path and the fix.
+    """
+    value = str(path_or_repo)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{value}: no config.json in this folder; not a model folder")
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{value}: is a file, not a model folder")
+    if not _HUB_ID.fullmatch(value):
+        raise ModelNotFoundError(
+            f"model folder {value} does not exist (a Hugging Face Hub id has the form org/name)"
+        )
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(value, revision=revision))
+    except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
+        raise ModelNotFoundError(
+            f"{value}: no such folder here, and the Hugging Face Hub did not provide it ({e})"
+        ) from e
 
 
 def odmoe_model_config(model_path: Path, config: dict, expert_cache=None, model_config=None) -> dict:
@@ -33,11 +68,21 @@ def odmoe_model_config(model_path: Path, config: dict, expert_cache=None, model_
 
 def load(path_or_hf_repo, expert_cache=None, expert_cache_gb=None, model_config=None, **kwargs):
     import mlx_lm
-    from mlx_lm.utils import _download, load_config
+    from mlx_lm.utils import load_config
 
     if expert_cache_gb is not None:
-        expert_cache = int(float(expert_cache_gb) * 1e9)
-    model_path = _download(str(path_or_hf_repo), revision=kwargs.get("revision"))
+        expert_cache = _gigabytes(expert_cache_gb)
+    model_path = resolve_model_path(path_or_hf_repo, revision=kwargs.get("revision"))
     config = load_config(model_path)
     mc = odmoe_model_config(model_path, config, expert_cache, model_config)
     return mlx_lm.load(str(model_path), model_config=mc, **kwargs)
+
+
+def _gigabytes(value) -> int:
+    try:
+        return int(float(value) * 1e9)
+    except (TypeError, ValueError):
+        raise BudgetError(
+            f"cannot read the expert_cache_gb argument = {value!r}: use a number of gigabytes, "
+            "or expert_cache= for '8GB', '25%', 'min' or 'all'"
+        ) from None

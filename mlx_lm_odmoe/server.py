@@ -128,7 +128,11 @@ def _make_classes():
         def _load_model(self) -> bool:
             """Load once; a model that cannot load is not retried (the
             error would repeat, as a busy loop)."""
+            from .loading import resolve_model_path
+
             try:
+                if self.model_provider.cli_args.model:  # a clear error for a missing folder
+                    resolve_model_path(self.model_provider.cli_args.model)
                 self.model_provider.load_default()
                 return True
             except Exception as e:

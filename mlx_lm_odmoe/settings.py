@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .budget import check_expert_cache
 from .errors import SettingsError
 
 ENV_PREFIX = "MLX_LM_ODMOE_"
@@ -75,17 +76,20 @@ class Settings:
                     continue
                 values[key] = _check_key(key, value, source)
                 sources[key] = f"{where}'s odmoe.{key}"
+                _check_value(key, values[key], sources[key])
         _check_environment(environ)
         for f in dataclasses.fields(cls):
             var = f.metadata.get("env")
             if var and environ.get(var, "") != "":
                 values[f.name] = _convert(f, environ[var], f"${var}")
                 sources[f.name] = f"${var}"
+                _check_value(f.name, values[f.name], sources[f.name])
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
             values[key] = _check_key(key, value, "load() arguments")
             sources[key] = f"the {key}= argument"
+            _check_value(key, values[key], sources[key])
         values["expert_cache_source"] = sources.get("expert_cache", "default")
         return cls(**values)
 
@@ -127,6 +131,13 @@ def _check_key(key: str, value, source: str):
             f"unknown odmoe setting {key!r} in {source}.{hint} Valid settings: {', '.join(sorted(_FIELDS))}"
         )
     return _convert(f, value, f"{source} ({key})")
+
+
+def _check_value(key: str, value, source: str):
+    """Settings whose values have a grammar of their own are read here, at
+    load, so that the error names where the value came from."""
+    if key == "expert_cache":
+        check_expert_cache(value, source)
 
 
 def _convert(f, value, where: str):

@@ -27,12 +27,28 @@ logger = logging.getLogger("mlx_lm_odmoe")
 LATENCY_EDGES_US = [2**i for i in range(4, 25)]
 
 
+def show_summaries():
+    """Print this package's INFO lines on stderr when nothing else would:
+    ``mlx_lm.generate`` configures no logging, so the summaries asked for
+    with ``$MLX_LM_ODMOE_LOG_INTERVAL`` would go nowhere. An application
+    that set up logging (a handler here or on the root logger) is left alone."""
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 class Telemetry:
     def __init__(self, moe_layers: List[int], num_experts: int, log_interval_s: float = None):
         if log_interval_s is None:
             log_interval_s = float(os.environ.get(LOG_ENV_VAR, 0) or 0)
         self.log_interval_s = log_interval_s
         self._last_log = time.monotonic()
+        if log_interval_s:
+            show_summaries()
         self.moe_layers = list(moe_layers)
         self.num_experts = num_experts
         self._row = {l: i for i, l in enumerate(self.moe_layers)}
@@ -73,15 +89,21 @@ class Telemetry:
             self.forward_calls += calls
             if hits is not None:
                 self.layer_hits[row] += hits
-        if self.log_interval_s and time.monotonic() - self._last_log >= self.log_interval_s:
+        if self._log_due():
             self._last_log = time.monotonic()
             logger.info(self.summary())
+
+    def _log_due(self) -> bool:
+        interval = self.log_interval_s
+        return bool(interval) and time.monotonic() - self._last_log >= interval
 
     def record_routes_lazy(self, layer: int, indices):
         """Routes served from a fully resident layer: every expert is a hit."""
         self._owner = threading.get_ident()
         self._pending.append((layer, indices))
-        if len(self._pending) > 512 or self._fold_wanted.is_set():
+        # A summary due is folded in too: fully resident models would
+        # otherwise log only every 512 layer calls.
+        if len(self._pending) > 512 or self._fold_wanted.is_set() or self._log_due():
             self._drain(keep=8)
 
     def service(self):

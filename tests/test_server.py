@@ -146,7 +146,7 @@ def _truncate_shard(folder):
 def test_a_model_that_cannot_load_is_reported_once_and_the_server_idles(case, models, tmp_path):
     folder, env = tmp_path / "model", {}
     if case == "missing folder":
-        folder, named = tmp_path / "does-not-exist", "does-not-exist"
+        folder, named = tmp_path / "does-not-exist", "does-not-exist does not exist"
     else:
         shutil.copytree(models("qwen2_moe", "odmoe"), folder)
         if case == "budget too small":

@@ -8,6 +8,7 @@ and writes every MoE layer's block input and router top-k (see traces.py).
 """
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -34,14 +35,56 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..errors import OdmoeError
+    from ..loading import resolve_model_path
+
+    heldout = read_heldout(parser, args) if args.heldout else None
+    try:
+        model_path = resolve_model_path(args.model)
+        return run(args, model_path, heldout)
+    except OdmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def read_heldout(parser, args) -> np.ndarray:
+    """--heldout's tokens, checked against what the pieces asked for need
+    before the model is loaded; argparse's usage error otherwise (exit 2)."""
+    try:
+        heldout = np.load(args.heldout)
+    except (OSError, ValueError) as e:
+        parser.error(f"--heldout {args.heldout}: cannot read it as a .npy array ({e})")
+    if heldout.ndim != 1 or not np.issubdtype(heldout.dtype, np.integer):
+        parser.error(f"--heldout {args.heldout}: expected a 1-D array of token ids, "
+                     f"got {heldout.dtype} of shape {heldout.shape}")
+    n, pieces = len(heldout), args.chunks + args.generate
+    lengths = {"--chunk-len": args.chunk_len, "--prompt-len": args.prompt_len}
+    piece = max(lengths.values())
+    if n < pieces * piece:
+        longest = " and ".join(k for k, v in lengths.items() if v == piece)
+        fit = n // pieces
+        fixes = []
+        if n >= piece:
+            fixes.append(f"lower --chunks + --generate to at most {n // piece} pieces")
+        if fit:
+            too_long = " and ".join(k for k, v in lengths.items() if v > fit)
+            fixes.append(f"lower {too_long} to at most {fit}")
+        parser.error(
+            f"--heldout {args.heldout} has {n} tokens, too few for --chunks {args.chunks} + "
+            f"--generate {args.generate} = {pieces} pieces of {piece} tokens ({longest}): "
+            f"{pieces * piece} needed; {', '.join(fixes + ['or give more held-out tokens'])}"
+        )
+    return heldout
+
+
+def run(args, model_path, heldout=None):
     import mlx_lm_odmoe
     from .traces import collect
 
-    model, _ = mlx_lm_odmoe.load(args.model, expert_cache="100%")
-    if args.heldout:
-        heldout = np.load(args.heldout)
-    else:
+    model, _ = mlx_lm_odmoe.load(model_path, expert_cache="100%")
+    if heldout is None:
         vocab = model.model.embed_tokens.weight.shape[0]
         n = (args.chunks + args.generate) * max(args.chunk_len, args.prompt_len)
         heldout = np.random.default_rng(args.seed).integers(0, vocab, n)
@@ -56,7 +99,8 @@ def main(argv=None):
     n, g = len(trace.tokens), int(trace.generated.sum())
     print(f"{args.out}: {n} tokens ({n - g} held-out, {g} generated) x {len(trace.moe_layers)} MoE layers, "
           f"top-{trace.top_k} of {trace.num_experts} experts, {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

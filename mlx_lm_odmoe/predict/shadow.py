@@ -305,6 +305,7 @@ def fused_routers(model, targets):
 
 def save_shadow(net: ShadowNet, folder, extra: dict = None) -> Path:
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     net.save_weights(str(folder / WEIGHTS_NAME))
     (folder / CONFIG_NAME).write_text(json.dumps({**net.config, **(extra or {})}, indent=1))
     return folder / WEIGHTS_NAME

@@ -6,11 +6,14 @@ Trains on the training sequences of the trace (teacher-forced and
 generated; the evaluation sequences of ``traces.eval_mask`` are never
 seen), keeps the epoch with the best loss on a validation slice of the
 training sequences, and writes ``shadow.safetensors`` + ``shadow.json``
-next to the model, where ``mlx_lm_odmoe.predict.load_predictor`` finds them.
+next to the model, where ``mlx_lm_odmoe.predict.load_predictor`` finds them
+(or into ``--out``). A shadow model already there is replaced only with
+``--force``, and kept as ``shadow.json.bak`` / ``shadow.safetensors.bak``.
 """
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from mlx.utils import tree_flatten, tree_map
 from .base import later_layers
 from .baselines import multi_hot
 from .routers import router_prior
-from .shadow import ShadowNet, parameter_count, save_shadow
+from .shadow import CONFIG_NAME, WEIGHTS_NAME, ShadowNet, parameter_count, save_shadow
 from .traces import Trace, eval_mask, previous_topk
 
 
@@ -135,27 +138,65 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
     p.add_argument("--generated-weight", type=float, default=1.0,
                    help="loss weight of generated tokens relative to held-out text (default 1)")
-    p.add_argument("--out", help="folder for shadow.safetensors/shadow.json (default: the model folder)")
+    p.add_argument("--out", help="folder for shadow.safetensors/shadow.json, created if need be "
+                   "(default: the model folder)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a shadow model already in the --out folder (kept as *.bak)")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..errors import OdmoeError
+    from ..loading import resolve_model_path
+
+    if not Path(args.traces).is_file():
+        parser.error(f"--traces {args.traces}: no such file (write one with mlx_lm_odmoe.collect)")
+    try:
+        model_path = resolve_model_path(args.model)
+        out = Path(args.out).expanduser() if args.out else model_path
+        replaced = existing_shadow(parser, out, args.force)
+        return run(args, model_path, out, replaced)
+    except OdmoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def existing_shadow(parser, out: Path, force: bool):
+    """The shadow files ``out`` already holds. The shipped models come
+    with a trained one: replacing it takes ``--force``."""
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out}: is a file, not a folder")
+    found = [out / name for name in (CONFIG_NAME, WEIGHTS_NAME) if (out / name).exists()]
+    if found and not force:
+        parser.error(
+            f"{out} already has a shadow model ({', '.join(p.name for p in found)}); pass --force "
+            "to replace it (the old files are kept as *.bak) or choose another --out folder"
+        )
+    return found
+
+
+def run(args, model_path: Path, out: Path, replaced):
     import mlx_lm_odmoe
 
     # Only the routers are used: a minimal expert cache reads no experts.
-    model, _ = mlx_lm_odmoe.load(args.model, expert_cache="min")
+    model, _ = mlx_lm_odmoe.load(model_path, expert_cache="min")
     trace = Trace.load(args.traces)
     t0 = time.perf_counter()
     net, info = train(model, trace, args.distance, args.rank, args.epochs, args.batch, args.lr, seed=args.seed,
                       generated_weight=args.generated_weight)
-    path = save_shadow(net, Path(args.out or args.model), {"training": info})
+    for old in replaced:  # only now that a new one is ready
+        old.replace(old.with_name(old.name + ".bak"))
+        print(f"kept the previous {old.name} as {old.name}.bak")
+    path = save_shadow(net, out, {"training": info})
     nparams = sum(v.size for _, v in tree_flatten(net.parameters()))
     k2 = parameter_count(7168, 384, 60, args.distance, args.rank)
     print(f"{path}: {nparams} parameters ({path.stat().st_size / 1e6:.2f} MB), best epoch {info['best_epoch']}, "
           f"{time.perf_counter() - t0:.1f} s; at Kimi K2 scale {k2 / 1e6:.1f} M parameters "
           f"({k2 * 4 / 1e6:.0f} MB float32)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
