@@ -16,28 +16,36 @@ what is left. Residency r = budget / all routed experts.
 
 Decode speed, per token:
 
-    t = A / C  +  L * k * (1 - h) * R / B  +  L * s
+    t = A / C  +  T  +  L * k * (1 - h) * R / B
 
     A  bytes of weights one token reads: resident weights (less the
        embedding table, of which one row is read) plus k experts per MoE layer
     C  compute throughput over quantized weights, bytes/s, measured with a
        short timed 4-bit matrix-vector product (float32 activations)
+    T  what a token costs besides reading weights: mlx-lm's decode loop,
+       every layer's kernel launches and, when not every expert is
+       resident, the router's host sync and the store's bookkeeping per
+       MoE layer. Measured by decoding with the model's narrow twin: the
+       same layers, ops and routing with every width cut to 64 (at most 64
+       experts, the same share resident), written to a temporary folder and
+       run by mlx-lm and this package. On small models T is most of t.
     L  MoE layers;  k  experts per token;  R  bytes per expert
     h  expected hit rate, taken as r (uniform routing; real routers are
        skewed, so real hit rates are usually higher)
     B  disk read bandwidth, bytes/s, measured with a short timed read of an
        expert shard bypassing the page cache (O_DIRECT)
-    s  host round trip per MoE layer (the block syncs once per layer when
-       not every expert is resident; 0 when all are)
 
-and tok/s = 1 / t. It is a forecast from two micro-measurements, not a
-benchmark: run mlx_lm_odmoe.bench for measured numbers.
+and tok/s = 1 / t. It is a forecast from three short measurements, not a
+benchmark: run mlx_lm_odmoe.bench for measured numbers. How it compared
+with measurements is in benchmarks/results/doctor-forecast.md; the report
+prints the range.
 """
 
 import argparse
 import json
 import mmap
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +56,10 @@ from .budget import MINIMUM, parse_budget, physical_memory
 from .layout import EXPERTS_DIR, INDEX_NAME, load_layout, read_safetensors_header
 
 MIN_PROBE_BYTES = 64 * 2**20  # smaller files time the call, not the disk
+# Measured decode / this forecast on the checks in
+# benchmarks/results/doctor-forecast.md; update both together.
+TRUST = ("measured decode was 0.83-1.31x this forecast on the shipped models (idle CPU); "
+         "not yet checked where disk reads dominate: measure with mlx_lm_odmoe.bench")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -100,6 +112,11 @@ def check_folder(model: Path) -> None:
     every shard's size and header, their shapes against config.json),
     reading no expert: a folder that would not load fails here. Raises
     LayoutError (a ValueError) naming the file and the fix."""
+    _runtime(model).validate()
+
+
+def _runtime(model: Path, **settings):
+    """The ExpertRuntime mlx-lm's load would build for ``model``, store unopened."""
     from mlx_lm.utils import load_config
 
     from .loading import odmoe_model_config
@@ -107,12 +124,11 @@ def check_folder(model: Path) -> None:
 
     raw = load_config(model)
     config = _text(raw)
-    moe_layers = _moe_layers(config)
-    expected = {"num_experts": config.get("num_experts") or config["n_routed_experts"], "moe_layers": moe_layers,
-                "hidden_size": config["hidden_size"], "moe_intermediate_size": config["moe_intermediate_size"]}
-    settings = odmoe_model_config(model, raw)["odmoe"]
-    runtime = ExpertRuntime(settings, config["num_experts_per_tok"], config["num_hidden_layers"], expected)
-    runtime.validate()
+    expected = {"num_experts": config.get("num_experts") or config["n_routed_experts"],
+                "moe_layers": _moe_layers(config), "hidden_size": config["hidden_size"],
+                "moe_intermediate_size": config["moe_intermediate_size"]}
+    odmoe = odmoe_model_config(model, raw, model_config={"odmoe": settings})["odmoe"]
+    return ExpertRuntime(odmoe, config["num_experts_per_tok"], config["num_hidden_layers"], expected)
 
 
 def _embedding_bytes(model: Path) -> int:
@@ -208,6 +224,50 @@ def disk_bandwidth(path: Optional[Path], nbytes: int = 256 * 2**20) -> Dict:
             os.unlink(tmp)
 
 
+def miss_bandwidth(model: Path, misses: int, seconds: float = 1.0, max_bytes: int = 512 * 2**20) -> Dict:
+    """Bytes/s of the store's miss path on this folder's own expert records:
+    CachedStore fetching ``misses`` experts that are not resident, each read
+    cold (the page cache dropped, as MLX_LM_ODMOE_DROP_PAGE_CACHE=1 does) by
+    its read threads and installed into the layer's pool."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .store import CachedStore
+
+    runtime = _runtime(model, drop_page_cache=True)
+    reader = runtime._base_reader()  # the reader the loader would open, page cache dropped
+    layout = reader.layout
+    _drop_page_cache(model)
+    store = CachedStore(reader, misses, threads=runtime.settings.read_threads)
+    layer, E = layout.moe_layers[0], layout.num_experts
+    try:
+        done, spent, start = 0, 0.0, 0
+        while spent < seconds and done < max_bytes and start < 64 * E:
+            experts = np.arange(start, start + misses) % E  # never the ones just read
+            t0 = time.perf_counter()
+            pool, _ = store.fetch(layer, experts)
+            mx.eval(*pool.values())
+            if start:  # the first fetch also allocates the pool
+                spent += time.perf_counter() - t0
+                done += misses * layout.record_nbytes
+            start += misses
+    finally:
+        store.close()
+    return {"bytes_per_s": done / spent if spent else None, "bytes": done, "seconds": spent,
+            "misses_per_fetch": misses, "record_bytes": layout.record_nbytes}
+
+
+def _drop_page_cache(model: Path):
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for f in (model / EXPERTS_DIR).glob("*.safetensors") if (model / EXPERTS_DIR).is_dir() else model.glob("model*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def _timed_read(path: Path, nbytes: int) -> Dict:
     block = 16 * 2**20
     size = min(nbytes, path.stat().st_size)
@@ -238,8 +298,10 @@ def _timed_read(path: Path, nbytes: int) -> Dict:
     return {"bytes_per_s": done / dt if dt > 0 else None, "bytes": done, "seconds": dt, "how": how, "file": str(path)}
 
 
-def compute_bandwidth(seconds: float = 0.5) -> Dict:
-    """Weight bytes/s of a 4-bit matrix-vector product, as decode does."""
+def compute_bandwidth(seconds: float = 0.8) -> Dict:
+    """Weight bytes/s of a 4-bit matrix-vector product, as decode does: the
+    median of short timed chains, so a moment of competition for the cores
+    does not decide it."""
     import mlx.core as mx
 
     D, N = 4096, 8192
@@ -249,29 +311,83 @@ def compute_bandwidth(seconds: float = 0.5) -> Dict:
     mx.eval(wq, s, b, x)
     nbytes = wq.nbytes + s.nbytes + b.nbytes
     mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))  # warm
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        y = x
-        for _ in range(8):  # a chain, like layers: each waits for the last
+    rates, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(rates) < 3:
+        t0, y = time.perf_counter(), x
+        for _ in range(2):  # a chain, like layers: each waits for the last
             y = mx.quantized_matmul(x + y[:, :1] * 0, wq, s, b, transpose=True, group_size=64, bits=4)[:, :D]
         mx.eval(y)
-        n += 8
-    dt = time.perf_counter() - t0
-    return {"bytes_per_s": n * nbytes / dt, "device": str(mx.default_device())}
+        rates.append(2 * nbytes / (time.perf_counter() - t0))
+    return {"bytes_per_s": statistics.median(rates), "device": str(mx.default_device())}
 
 
-def sync_cost(repeats: int = 200) -> float:
-    """Seconds of one host round trip (evaluate, copy ids to numpy)."""
+# The narrow twin: this architecture with every width cut to TWIN_WIDTH and
+# at most TWIN_EXPERTS experts per layer. Same layers, same ops, same
+# routing, weights of negligible size.
+TWIN_WIDTH = 64
+TWIN_EXPERTS = 64
+
+
+def twin_config(config: dict) -> dict:
+    """A Hugging Face config of ``config``'s narrow twin (for large_synthetic)."""
+    from conversion.convert import ODMOE_TYPES
+
+    from .large_synthetic import shrink
+
+    c = dict(_text(config))
+    c["model_type"] = next((k for k, v in ODMOE_TYPES.items() if v == c["model_type"]), c["model_type"])
+    W = TWIN_WIDTH
+    c["hidden_size"] = W
+    for k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if c.get(k):
+            c[k] = W
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
+    c["num_attention_heads"], c["num_key_value_heads"] = 2, (1 if kv_heads < heads else 2)  # GQA stays GQA
+    c.pop("head_dim", None)
+    if c.get("kv_lora_rank"):  # MLA
+        c.update(kv_lora_rank=W, qk_nope_head_dim=W // 4, qk_rope_head_dim=W // 4, v_head_dim=W // 2)
+        if c.get("q_lora_rank"):
+            c["q_lora_rank"] = W
+    key = "num_experts" if c.get("num_experts") else "n_routed_experts"
+    groups = c.get("n_group") or 1
+    c[key] = min(c[key], max(TWIN_EXPERTS // groups, 2) * groups)  # whole routing groups
+    return shrink(c, vocab_size=256)
+
+
+def twin_decode_seconds(config: dict, residency: float, tokens: int = 24, warmup: int = 8) -> Dict:
+    """Seconds per decoded token of the narrow twin with ``residency`` of its
+    experts resident, written, loaded and run by the real code: mlx-lm's
+    decode loop, every layer's kernel launches, and when experts are not all
+    resident the router's host sync, the store's bookkeeping and each miss's
+    disk round trip (its records are read cold). What a token costs besides
+    moving weight bytes. The median interval between tokens, as a moment of
+    competition for the cores should not decide it."""
+    import contextlib
+    import io
+
     import mlx.core as mx
-    import numpy as np
+    from mlx_lm.generate import generate_step
 
-    x = mx.zeros((1, 4), dtype=mx.int32)
-    mx.eval(x)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        x = x + 1
-        np.array(x)
-    return (time.perf_counter() - t0) / repeats
+    from . import load
+    from .large_synthetic import generate
+
+    cfg = twin_config(config)
+    top_k = cfg["num_experts_per_tok"]
+    with tempfile.TemporaryDirectory(prefix="odmoe-doctor-") as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's quantize prints; --json owns stdout
+            path = generate(Path(tmp) / "twin", cfg, progress=False)
+        layout = load_layout(path / EXPERTS_DIR)
+        E, L = layout.num_experts, len(layout.moe_layers)
+        slots = E if residency >= 1 else max(top_k, min(E, round(residency * E)))
+        model, _ = load(path, expert_cache=slots * layout.record_nbytes * L,
+                        model_config={"odmoe": {"drop_page_cache": True}})
+        stamps = []
+        for _ in generate_step(mx.array(list(range(1, 17))), model, max_tokens=warmup + tokens + 1):
+            stamps.append(time.perf_counter())
+        dt = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
+        del model
+    return {"seconds": dt, "slots_per_layer": slots, "num_experts": E, "width": TWIN_WIDTH,
+            "record_bytes": layout.record_nbytes}
 
 
 # -- forecast ---------------------------------------------------------------------
@@ -279,7 +395,7 @@ def sync_cost(repeats: int = 200) -> float:
 
 def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, headroom: int = 2**30,
              disk_bps: Optional[float] = None, compute_bps: Optional[float] = None,
-             sync_s: float = 0.0) -> Dict:
+             fixed_s: Optional[float] = None) -> Dict:
     config = sizes["config"]
     top_k = config["num_experts_per_tok"]
     R, L, E = sizes["record_bytes"], sizes["moe_layers"], sizes["num_experts"]
@@ -304,15 +420,13 @@ def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, he
         "runs": slots >= top_k and resident + slots * R * L + kv <= memory - headroom,
         "memory_use_bytes": resident + int(slots) * R * L + kv,
     }
-    if disk_bps and compute_bps and out["runs"]:
+    if disk_bps and compute_bps and fixed_s is not None and out["runs"]:
         active = resident - sizes.get("embedding_bytes", 0) + top_k * R * L
         h = r
         t_compute = active / compute_bps
         t_disk = L * top_k * (1 - h) * R / disk_bps
-        t_sync = 0.0 if slots == E else L * sync_s
         out.update(active_bytes_per_token=active, expected_hit_rate=h, t_compute_s=t_compute,
-                   t_disk_s=t_disk, t_sync_s=t_sync, tok_s=1.0 / (t_compute + t_disk + t_sync),
-                   tok_s_all_resident=1.0 / t_compute)
+                   t_disk_s=t_disk, t_fixed_s=fixed_s, tok_s=1.0 / (t_compute + fixed_s + t_disk))
     return out
 
 
@@ -345,13 +459,17 @@ def report(name: str, f: Dict, probes: Dict) -> str:
     if probes.get("compute"):
         lines.append(f"  compute               {probes['compute']['bytes_per_s'] / 1e9:.2f} GB/s of 4-bit weights "
                      f"({probes['compute']['device']})")
+    if probes.get("twin"):
+        t = probes["twin"]
+        lines.append(f"  fixed costs           {t['seconds'] * 1e3:.1f} ms per token (narrow twin: width {t['width']}, "
+                     f"{t['slots_per_layer']}/{t['num_experts']} experts resident per layer)")
     if "tok_s" in f:
-        lines.append(f"  host sync per layer   {probes.get('sync_s', 0) * 1e6:.0f} us")
         lines.append("")
         lines.append(f"  per token: {_gb(f['active_bytes_per_token'])} of weights -> {f['t_compute_s'] * 1e3:.1f} ms compute, "
-                     f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f}), "
-                     f"{f['t_sync_s'] * 1e3:.1f} ms sync")
-        lines.append(f"  expected decode       {f['tok_s']:.2f} tok/s (all experts resident: {f['tok_s_all_resident']:.2f} tok/s)")
+                     f"{f['t_fixed_s'] * 1e3:.1f} ms fixed costs, "
+                     f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f})")
+        lines.append(f"  expected decode       {f['tok_s']:.2f} tok/s")
+        lines.append(f"  how far to trust it   {TRUST}")
     return "\n".join(lines)
 
 
@@ -372,8 +490,11 @@ def main(argv=None):
                    help="--config: bytes of unquantized weights and the KV cache. Default: 2")
     p.add_argument("--disk-gbps", type=float, help="Disk read GB/s to assume instead of measuring.")
     p.add_argument("--compute-gbps", type=float, help="4-bit weight GB/s to assume instead of measuring.")
+    p.add_argument("--fixed-ms", type=float,
+                   help="Milliseconds per token besides reading weights (T) to assume instead of "
+                   "measuring them with the narrow twin.")
     p.add_argument("--probe-mb", type=int, default=256, help="Bytes of the timed disk read, in MB. Default: 256")
-    p.add_argument("--no-probe", action="store_true", help="Sizes only: no timed reads or matmuls.")
+    p.add_argument("--no-probe", action="store_true", help="Sizes only: no timed reads, matmuls or decoding.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
     args = p.parse_args(argv)
     if bool(args.model) == bool(args.config):
@@ -402,10 +523,14 @@ def main(argv=None):
             probes["disk"] = disk_bandwidth(sizes["probe_file"], args.probe_mb * 2**20)
         if args.compute_gbps is None:
             probes["compute"] = compute_bandwidth()
-        probes["sync_s"] = sync_cost()
     disk = args.disk_gbps * 1e9 if args.disk_gbps else (probes.get("disk") or {}).get("bytes_per_s")
     compute = args.compute_gbps * 1e9 if args.compute_gbps else (probes.get("compute") or {}).get("bytes_per_s")
-    f = forecast(sizes, memory, args.budget, args.context, headroom, disk, compute, probes.get("sync_s", 0.0))
+    f = forecast(sizes, memory, args.budget, args.context, headroom, disk, compute)
+    fixed = args.fixed_ms / 1e3 if args.fixed_ms is not None else None
+    if fixed is None and not args.no_probe and f["runs"]:
+        probes["twin"] = twin_decode_seconds(sizes["config"], f["residency"])
+        fixed = probes["twin"]["seconds"]
+    f = forecast(sizes, memory, args.budget, args.context, headroom, disk, compute, fixed)
     if args.json:
         print(json.dumps({"forecast": f, "probes": probes}, indent=1, default=str))
     else:
