@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 MEDIUM_QWEN2_MOE = {
@@ -39,8 +38,8 @@ MEDIUM_QWEN2_MOE = {
 def build_models(work: Path, model: str = None):
     from mlx_lm.convert import convert as stock_convert
 
-    from conversion.convert import convert
-    from mlx_lm_odmoe.synthetic import write_hf_checkpoint
+    from mlx_lm_odmoe.conversion.convert import convert
+    from mlx_lm_odmoe.tools.synthetic import write_hf_checkpoint
 
     if model is None:
         hf = write_hf_checkpoint(work / "hf", MEDIUM_QWEN2_MOE, seed=0)

@@ -11,9 +11,9 @@ PY=${PY:-python}
 
 # 1. Residency curve of the shipped trained model against stock mlx-lm on a
 #    stacked checkpoint holding the same bytes.
-$PY -c "from mlx_lm_odmoe.large_synthetic import export_stock; \
+$PY -c "from mlx_lm_odmoe.tools.large_synthetic import export_stock; \
 export_stock('models/tiny-qwen2-moe', '$DATA/tiny-qwen2-moe-stock-q4', force=True)"
-$PY -m mlx_lm_odmoe.bench --model models/tiny-qwen2-moe --stock $DATA/tiny-qwen2-moe-stock-q4 \
+$PY -m mlx_lm_odmoe.tools.bench --model models/tiny-qwen2-moe --stock $DATA/tiny-qwen2-moe-stock-q4 \
     --tokens 256 --reps 7 --out $RES/tiny-qwen2-moe \
     --title "tiny-qwen2-moe (trained, 4-bit): odmoe vs stock mlx-lm"
 # ... and in one process, interleaved (no per-process noise):
@@ -23,30 +23,30 @@ $PY benchmarks/decode_overhead.py --model $DATA/tiny-qwen2-moe-stock-q4 \
 #     the trained float32 checkpoint (training/README.md makes it).
 mlx_lm.convert --hf-path ${ARTIFACTS:-/work/artifacts}/tiny-kimi-mlx --mlx-path $DATA/tiny-kimi-stock-q4 \
     -q --q-group-size 32 --dtype float32
-$PY -m mlx_lm_odmoe.bench --model models/tiny-kimi --stock $DATA/tiny-kimi-stock-q4 \
+$PY -m mlx_lm_odmoe.tools.bench --model models/tiny-kimi --stock $DATA/tiny-kimi-stock-q4 \
     --tokens 256 --reps 5 --out $RES/tiny-kimi --title "tiny-kimi (trained, 4-bit): odmoe vs stock mlx-lm"
 # Prediction and policy online, both shipped models (results/predict/online-25pct.md).
 $PY benchmarks/prefetch.py > $RES/predict/online-25pct.md
 
 # 2. The same with Qwen1.5-MoE-A2.7B-sized experts (5.4 MB each), 8 layers,
 #    a 4k vocabulary so the experts, not lm_head, dominate; cold page cache.
-$PY -m mlx_lm_odmoe.large_synthetic --preset qwen1.5-moe-a2.7b --layers 8 --vocab-size 4096 \
+$PY -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --layers 8 --vocab-size 4096 \
     --out $DATA/qwen15-experts-8l --stock $DATA/qwen15-experts-8l-stock
-$PY -m mlx_lm_odmoe.bench --model $DATA/qwen15-experts-8l --stock $DATA/qwen15-experts-8l-stock \
+$PY -m mlx_lm_odmoe.tools.bench --model $DATA/qwen15-experts-8l --stock $DATA/qwen15-experts-8l-stock \
     --tokens 32 --reps 2 --prompt-tokens 32 --cold --out $RES/qwen15-experts-8l \
     --title "Qwen1.5-MoE-A2.7B experts (5.4 MB), 8 layers, 4k vocab (synthetic): odmoe vs stock mlx-lm, cold page cache"
 
 # 3. Bigger than RAM: the full Qwen1.5-MoE-A2.7B shape (7.8 GB of experts) in a
 #    memory cgroup at half the model's size, against stock mlx-lm and llama.cpp.
-$PY -m mlx_lm_odmoe.large_synthetic --preset qwen1.5-moe-a2.7b --out $DATA/qwen15-moe-synth \
+$PY -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out $DATA/qwen15-moe-synth \
     --stock $DATA/qwen15-moe-synth-stock --gguf $DATA/qwen15-moe-synth.gguf
-$PY -m mlx_lm_odmoe.bench --model $DATA/qwen15-moe-synth --stock $DATA/qwen15-moe-synth-stock \
+$PY -m mlx_lm_odmoe.tools.bench --model $DATA/qwen15-moe-synth --stock $DATA/qwen15-moe-synth-stock \
     --gguf $DATA/qwen15-moe-synth.gguf --cgroup-limit 50% --budgets 2GB \
     --tokens 16 --prompt-tokens 16 --warmup-tokens 2 --reps 1 --timeout 900 \
     --out $RES/cgroup-qwen15-moe \
     --title "Bigger than RAM: Qwen1.5-MoE-A2.7B shapes (synthetic) in a memory cgroup at 50% of the model"
 # ... and with no limit, for reference.
-$PY -m mlx_lm_odmoe.bench --model $DATA/qwen15-moe-synth --stock $DATA/qwen15-moe-synth-stock \
+$PY -m mlx_lm_odmoe.tools.bench --model $DATA/qwen15-moe-synth --stock $DATA/qwen15-moe-synth-stock \
     --gguf $DATA/qwen15-moe-synth.gguf --budgets 100%,2GB \
     --tokens 16 --prompt-tokens 16 --warmup-tokens 2 --reps 1 --timeout 900 \
     --out $RES/unconstrained-qwen15-moe \
@@ -56,7 +56,7 @@ $PY -m mlx_lm_odmoe.bench --model $DATA/qwen15-moe-synth --stock $DATA/qwen15-mo
 $PY benchmarks/read_throughput.py --model $DATA/qwen15-moe-synth --reps 3 --out $RES/read-throughput
 
 # 5. The forecast for the cgroup run, and for models not on disk.
-$PY -m mlx_lm_odmoe.doctor $DATA/qwen15-moe-synth --memory 4.47GB --budget 2GB --context 64 --headroom 0
-$PY -m mlx_lm_odmoe.doctor --config tests/data/kimi-k2.5.config.json --memory 128GB --disk-gbps 0.75 --compute-gbps 0.66
-$PY -m mlx_lm_odmoe.doctor --config tests/data/qwen2-57b-a14b.config.json --memory 24GB \
+$PY -m mlx_lm_odmoe.tools.doctor $DATA/qwen15-moe-synth --memory 4.47GB --budget 2GB --context 64 --headroom 0
+$PY -m mlx_lm_odmoe.tools.doctor --config tests/data/kimi-k2.5.config.json --memory 128GB --disk-gbps 0.75 --compute-gbps 0.66
+$PY -m mlx_lm_odmoe.tools.doctor --config tests/data/qwen2-57b-a14b.config.json --memory 24GB \
     --disk-gbps 0.75 --compute-gbps 0.66 --scale-bytes 4 --dtype-bytes 4

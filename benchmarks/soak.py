@@ -51,7 +51,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    from mlx_lm_odmoe.cgroup import MemoryCgroup, unavailable_reason
+    from mlx_lm_odmoe.tools.cgroup import MemoryCgroup, unavailable_reason
 
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--tokens", str(args.tokens), "--budget", args.budget]
     cg = None

@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, Optional
 from .layout import EXPERTS_DIR
 
 
-
 class HubSnapshot(NamedTuple):
     repo_id: str
     revision: str

@@ -13,8 +13,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
-from conversion.convert import convert  # noqa: E402
-from mlx_lm_odmoe.synthetic import TINY_KIMI, TINY_QWEN2_MOE, write_hf_checkpoint  # noqa: E402
+from mlx_lm_odmoe.conversion.convert import convert  # noqa: E402
+from mlx_lm_odmoe.tools.synthetic import TINY_KIMI, TINY_QWEN2_MOE, write_hf_checkpoint  # noqa: E402
 
 CONFIGS = {"qwen2_moe": TINY_QWEN2_MOE, "kimi_k2": TINY_KIMI}
 DATA = Path(__file__).parent / "data"

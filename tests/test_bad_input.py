@@ -203,7 +203,7 @@ def test_collect_with_too_few_heldout_tokens_names_the_options_and_numbers(tmp_p
 @pytest.fixture(scope="module")
 def shipped_copy_and_trace(tmp_path_factory):
     """A copy of the shipped model (with its trained shadow model) and a small trace of it."""
-    from mlx_lm_odmoe.predict.traces import collect
+    from mlx_lm_odmoe.research.traces import collect
 
     root = tmp_path_factory.mktemp("shadow")
     folder = root / "tiny-qwen2-moe"

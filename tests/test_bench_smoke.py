@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_lm_odmoe import bench, doctor, large_synthetic
+from mlx_lm_odmoe.tools import bench, doctor, large_synthetic
 from tests.conftest import DATA
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models"
 
 
-def run_cli(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
+def run_cli(command, *args):
+    """Run an installed console script, as a user would."""
+    exe = Path(sys.executable).parent / command
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")

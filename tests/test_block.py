@@ -7,7 +7,7 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from mlx_lm_odmoe.block import OnDemandSwitchGLU
-from mlx_lm_odmoe.layout import ExpertLayout, MLX_TO_ST, record_specs
+from mlx_lm_odmoe.layout import MLX_TO_ST, ExpertLayout, record_specs
 from mlx_lm_odmoe.store import CachedStore, MemoryStore
 from mlx_lm_odmoe.store.readers import ExpertReader
 
@@ -97,8 +97,9 @@ def test_the_shared_expert_starts_early_and_is_computed_once(models, kind):
     """The block starts the shared expert right after the router's sync (it
     overlaps the fetch); the MoE block then reuses that result, so each pass
     computes it once per layer, and the parameter names are mlx-lm's."""
-    import mlx_lm_odmoe
     from mlx_lm.utils import tree_flatten
+
+    import mlx_lm_odmoe
 
     model, _ = mlx_lm_odmoe.load(models(kind, "odmoe"), expert_cache="min")
     mlps = [l.mlp for l in model.model.layers if "switch_mlp" in l.mlp]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 
 import mlx_lm_odmoe
-from conversion.convert import convert
-from logits import max_abs_diff, prefill_and_decode, prompt_tokens
+from mlx_lm_odmoe.conversion.convert import convert
 from mlx_lm_odmoe.models import kimi_k2_odmoe
-from mlx_lm_odmoe.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, write_hf_checkpoint
+from mlx_lm_odmoe.tools.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, write_hf_checkpoint
 
 DATA = Path(__file__).parent / "data"
 
@@ -79,7 +79,7 @@ def test_refuses_to_overwrite_and_rejects_dense_models(tmp_path):
 
 
 def test_cli_help_and_errors(tmp_path):
-    exe = [sys.executable, "-m", "conversion.cli"]
+    exe = [sys.executable, "-m", "mlx_lm_odmoe.conversion.convert"]
     help_text = subprocess.run(exe + ["--help"], capture_output=True, text=True).stdout
     assert "--q-bits" in help_text and "--dtype" in help_text and "--hf-path" in help_text
     proc = subprocess.run(exe + ["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")],
@@ -103,7 +103,7 @@ def test_trained_models_exported_to_hf_convert_back_exactly(tmp_path, name):
     """The shipped trained models, as Hugging Face checkpoints (learned
     routing, real tokenizer): HF -> convert -> load equals stock mlx-lm
     loading the HF checkpoint, at a budget where experts stream."""
-    from mlx_lm_odmoe.synthetic import export_hf
+    from mlx_lm_odmoe.tools.synthetic import export_hf
 
     hf = export_hf(Path(__file__).parent.parent / "models" / name, tmp_path / "hf")
     convert(hf, tmp_path / "od", progress=False)

@@ -4,7 +4,6 @@ summation order, and each rank reads only its part of the experts."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

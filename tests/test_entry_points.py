@@ -5,7 +5,6 @@ Each runs in a fresh interpreter, as a user would start it.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

@@ -4,9 +4,9 @@ expert resident: both model types, float32 and 4-bit, every budget, prefill
 
 import mlx_lm
 import pytest
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 
 import mlx_lm_odmoe
-from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 
 KINDS = ["qwen2_moe", "kimi_k2"]
 BUDGETS = ["100%", "50%", "min"]

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf import quants as gguf_quants
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 from mlx_lm.utils import load_config, load_model
 
 import mlx_lm_odmoe
-from conversion import cli
-from conversion.convert import convert
-from conversion.gguf_export import PlannedTensor, export_gguf, plan_gguf, write_gguf
-from conversion.gguf_source import GGUFSource, build_tokenizer
-from logits import max_abs_diff, prefill_and_decode, prompt_tokens
+from mlx_lm_odmoe.conversion.convert import convert
+from mlx_lm_odmoe.conversion.convert import main as convert_main
+from mlx_lm_odmoe.conversion.gguf_export import PlannedTensor, export_gguf, plan_gguf, write_gguf
+from mlx_lm_odmoe.conversion.gguf_source import GGUFSource, build_tokenizer
 from mlx_lm_odmoe.loading import odmoe_model_config
-from mlx_lm_odmoe.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, write_hf_checkpoint
+from mlx_lm_odmoe.tools.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, write_hf_checkpoint
 
 Q = GGMLQuantizationType
 CONFIGS = {"qwen2_moe": TINY_QWEN2_MOE, "kimi_k2": TINY_KIMI}
@@ -89,7 +89,7 @@ def gguf_weights(config: dict, weights: dict, qtype: Q) -> dict:
 
 
 def _convert_cli(gguf_path, out):
-    assert cli.main(["--gguf", str(gguf_path), "--mlx-path", str(out), "--dtype", "float32"]) == 0
+    assert convert_main(["--gguf", str(gguf_path), "--mlx-path", str(out), "--dtype", "float32"]) == 0
     return out
 
 
@@ -441,7 +441,7 @@ def test_truncated_gguf_names_the_cut_tensor(ggufs, tmp_path, capsys):
     data = ggufs("qwen2_moe", "F32").read_bytes()
     last = GGUFReader(ggufs("qwen2_moe", "F32")).tensors[-1].name
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
-    assert cli.main(["--gguf", str(tmp_path / "cut.gguf"), "--mlx-path", str(tmp_path / "out")]) == 2
+    assert convert_main(["--gguf", str(tmp_path / "cut.gguf"), "--mlx-path", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "truncated" in err and repr(last) in err
     (tmp_path / "header.gguf").write_bytes(data[:200])  # cut inside the metadata
@@ -453,8 +453,8 @@ def test_truncated_gguf_names_the_cut_tensor(ggufs, tmp_path, capsys):
 def test_cli_takes_exactly_one_source(tmp_path):
     for argv in ([], ["--hf-path", "a", "--gguf", "b.gguf"]):
         with pytest.raises(SystemExit) as e:
-            cli.main(argv + ["--mlx-path", str(tmp_path / "o")])
+            convert_main(argv + ["--mlx-path", str(tmp_path / "o")])
         assert e.value.code == 2
     with pytest.raises(SystemExit):
-        cli.main(["--gguf", str(tmp_path / "model.bin")])
+        convert_main(["--gguf", str(tmp_path / "model.bin")])
     assert not (tmp_path / "o").exists()

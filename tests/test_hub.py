@@ -9,7 +9,6 @@ import sys
 
 import mlx_lm
 import pytest
-
 from fake_hub import FakeHub
 
 REPO = "odmoe-test/tiny-qwen2-moe"

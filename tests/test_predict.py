@@ -14,13 +14,13 @@ import mlx_lm_odmoe
 from mlx_lm_odmoe.predict import ExpertPredictor, load_predictor
 from mlx_lm_odmoe.predict.base import later_layers
 from mlx_lm_odmoe.predict.baselines import MostFrequent, PreviousToken, RouterLookahead
-from mlx_lm_odmoe.predict.policies import LFUDecayPolicy, LRUKPolicy
 from mlx_lm_odmoe.predict.routers import router_scores
 from mlx_lm_odmoe.predict.shadow import parameter_count, save_shadow
-from mlx_lm_odmoe.predict.simulate import SimCache, run, uniform_slots
-from mlx_lm_odmoe.predict.traces import Trace, collect, eval_mask, moe_layers_of, previous_topk
-from mlx_lm_odmoe.predict.train_shadow import train
+from mlx_lm_odmoe.research.cache_sim import SimCache, run, uniform_slots
+from mlx_lm_odmoe.research.traces import Trace, collect, eval_mask, moe_layers_of, previous_topk
+from mlx_lm_odmoe.research.train_shadow import train
 from mlx_lm_odmoe.store import CachedStore, LRUPolicy, ShardedFolderReader
+from mlx_lm_odmoe.store.policy import LFUDecayPolicy, LRUKPolicy
 
 KINDS = ["qwen2_moe", "kimi_k2"]
 
@@ -230,7 +230,7 @@ def test_shadow_fits_kimi_k2_scale():
 
 
 def test_evaluation_prints_a_table_json_and_a_plot(traced, tmp_path, capsys):
-    from mlx_lm_odmoe.predict.eval_predictors import main
+    from mlx_lm_odmoe.research.eval_predictors import main
 
     folder, _, path, trace = traced("qwen2_moe")
     main([str(folder), "--traces", str(path), "--distance", "2"])

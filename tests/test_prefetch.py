@@ -4,9 +4,9 @@ evicts the working set; outputs stay bit-identical to stock mlx-lm."""
 import mlx.core as mx
 import mlx_lm
 import numpy as np
+from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 
 import mlx_lm_odmoe
-from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 from mlx_lm_odmoe.predict.base import ExpertPredictor, later_layers
 
 

@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-
 from serving import Server
 
 MIN_BUDGET = {"MLX_LM_ODMOE_EXPERT_CACHE": "min"}

@@ -1,6 +1,5 @@
 """Shared helpers for the tiny MoE training and evaluation scripts."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,24 +13,8 @@ from mlx_lm.models import deepseek_v3, qwen2_moe
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_aux_loss():
-    try:
-        if REPO_ROOT not in sys.path:
-            sys.path.insert(0, REPO_ROOT)
-        from mlx_lm_odmoe.aux_loss import load_balancing_loss
-
-        return load_balancing_loss
-    except Exception:
-        # Fall back to loading the single module by path so the training
-        # scripts do not depend on the rest of the package importing cleanly.
-        path = os.path.join(REPO_ROOT, "mlx_lm_odmoe", "aux_loss.py")
-        spec = importlib.util.spec_from_file_location("_odmoe_aux_loss", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.load_balancing_loss
-
-
-load_balancing_loss = _load_aux_loss()
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
 
 
 # ---------------------------------------------------------------------------

@@ -93,8 +93,7 @@ def is_heldout(name, rel, threshold):
 
 
 def train_tokenizer(texts, vocab_size, out_dir):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -20,7 +20,6 @@ Example:
 """
 
 import argparse
-import json
 import math
 import os
 import shutil

@@ -17,7 +17,6 @@ from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
 from .common import install_on_demand_blocks, open_at_load, register_config, strip_experts
 
-
 register_config("qwen2_moe_odmoe", Qwen2MoeConfig)
 
 

@@ -26,9 +26,9 @@ def load_predictor(model, model_dir) -> Optional[ExpertPredictor]:
 
 
 def _check_matches(predictor, model, folder):
+    from ..block import moe_layers_of
     from .routers import gate_of
     from .shadow import CONFIG_NAME
-    from ..block import moe_layers_of
 
     cfg = predictor.net.config
     layers = moe_layers_of(model)

@@ -7,7 +7,7 @@ block -> store -> reader; a predictor may call :meth:`ExpertStore.prefetch`.
 from .base import ExpertStore
 from .cached import CachedStore
 from .memory import MemoryStore
-from .policy import CachePolicy, LRUPolicy
+from .policy import CachePolicy, LFUDecayPolicy, LRUPolicy
 from .readers import ExpertReader, ShardedFolderReader, SlicedReader, StackedCheckpointReader
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "MemoryStore",
     "CachePolicy",
     "LRUPolicy",
+    "LFUDecayPolicy",
     "ExpertReader",
     "ShardedFolderReader",
     "SlicedReader",

@@ -4,7 +4,7 @@ import hashlib
 import json
 import zlib
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import mlx.core as mx
 import numpy as np

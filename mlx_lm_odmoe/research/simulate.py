@@ -18,9 +18,8 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-from ..store.policy import LRUPolicy
-from .policies import LFUDecayPolicy, LRUKPolicy
-from .simulate import BeladyPolicy, allocate_slots, hit_curves, predictions, run, uniform_slots
+from ..store.policy import LFUDecayPolicy, LRUKPolicy, LRUPolicy
+from .cache_sim import BeladyPolicy, allocate_slots, hit_curves, predictions, run, uniform_slots
 from .traces import Trace, eval_mask
 
 POLICIES: Dict[str, Callable] = {
@@ -141,6 +140,7 @@ def main(argv=None):
 
 def _predictors(model_dir: str, full: Trace, shadow_dir=None):
     import mlx_lm_odmoe
+
     from .eval_predictors import predictors_for
 
     model, _ = mlx_lm_odmoe.load(model_dir, expert_cache="min")

@@ -52,8 +52,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-from .budget import MINIMUM, parse_budget, physical_memory
-from .layout import EXPERTS_DIR, INDEX_NAME, load_layout, read_safetensors_header
+from ..block import moe_layers_of
+from ..budget import MINIMUM, parse_budget, physical_memory
+from ..layout import EXPERTS_DIR, INDEX_NAME, load_layout, read_safetensors_header
+from ..model_types import STOCK_TYPE_OF, is_odmoe_type
 
 MIN_PROBE_BYTES = 64 * 2**20  # smaller files time the call, not the disk
 # Measured decode / this forecast on the checks in
@@ -67,7 +69,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _text(config: dict) -> dict:
-    from conversion.sources import text_config
+    from mlx_lm_odmoe.conversion.sources import text_config
 
     return text_config(config)
 
@@ -119,8 +121,8 @@ def _runtime(model: Path, **settings):
     """The ExpertRuntime mlx-lm's load would build for ``model``, store unopened."""
     from mlx_lm.utils import load_config
 
-    from .loading import odmoe_model_config
-    from .runtime import ExpertRuntime
+    from ..loading import odmoe_model_config
+    from ..runtime import ExpertRuntime
 
     raw = load_config(model)
     config = _text(raw)
@@ -144,11 +146,11 @@ def _float_bytes(config: dict) -> int:
 
 
 def _moe_layers(config: dict):
-    from conversion.convert import ODMOE_TYPES, build_skeleton, odmoe_config
+    from mlx_lm_odmoe.conversion.convert import build_skeleton, odmoe_config
 
-    converted = config.get("model_type") in ODMOE_TYPES.values()
+    converted = is_odmoe_type(config.get("model_type"))
     model = build_skeleton(dict(config) if converted else odmoe_config(config))
-    return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    return moe_layers_of(model)
 
 
 def sizes_from_config(config: dict, bits: int, group_size: int, scale_bytes: int, float_bytes: int) -> Dict:
@@ -157,13 +159,13 @@ def sizes_from_config(config: dict, bits: int, group_size: int, scale_bytes: int
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from conversion.convert import build_skeleton, odmoe_config
+    from mlx_lm_odmoe.conversion.convert import build_skeleton, odmoe_config
 
     config = _text(config)
     for k in ("quantization_config", "quantization"):
         config.pop(k, None)
     model = build_skeleton(odmoe_config(config))
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    moe_layers = moe_layers_of(model)
     quantizable = {name for name, m in model.named_modules()
                    if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0}
 
@@ -232,7 +234,7 @@ def miss_bandwidth(model: Path, misses: int, seconds: float = 1.0, max_bytes: in
     import mlx.core as mx
     import numpy as np
 
-    from .store import CachedStore
+    from ..store import CachedStore
 
     runtime = _runtime(model, drop_page_cache=True)
     reader = runtime._base_reader()  # the reader the loader would open, page cache dropped
@@ -330,12 +332,11 @@ TWIN_EXPERTS = 64
 
 def twin_config(config: dict) -> dict:
     """A Hugging Face config of ``config``'s narrow twin (for large_synthetic)."""
-    from conversion.convert import ODMOE_TYPES
 
     from .large_synthetic import shrink
 
     c = dict(_text(config))
-    c["model_type"] = next((k for k, v in ODMOE_TYPES.items() if v == c["model_type"]), c["model_type"])
+    c["model_type"] = STOCK_TYPE_OF.get(c["model_type"], c["model_type"])
     W = TWIN_WIDTH
     c["hidden_size"] = W
     for k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
@@ -368,7 +369,7 @@ def twin_decode_seconds(config: dict, residency: float, tokens: int = 24, warmup
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from . import load
+    from .. import load
     from .large_synthetic import generate
 
     cfg = twin_config(config)

@@ -226,9 +226,3 @@ class BeladyPolicy(CachePolicy):
         protected = set(protected)
         nxt = self._next[layer][self.now + 1]
         return max((e for e in self.resident[layer] if e not in protected), key=lambda e: nxt[e])
-
-
-if __name__ == "__main__":
-    from .policy_search import main
-
-    main()

@@ -11,7 +11,7 @@ Writing is planned first (names, shapes, types, sizes), then each tensor is
 produced and quantized just before it is written, so memory stays bounded by
 one layer's stacked experts. Usage::
 
-    python -m conversion.gguf_export ./hf-model ./model-Q8_0.gguf --outtype Q8_0
+    python -m mlx_lm_odmoe.conversion.gguf_export ./hf-model ./model-Q8_0.gguf --outtype Q8_0
 """
 
 import argparse
@@ -24,15 +24,33 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-
-from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValue,
-                  GGUFValueType, GGUFWriter, LlamaFileType, SpecialVocab, TokenType)
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFValue,
+    GGUFValueType,
+    GGUFWriter,
+    LlamaFileType,
+    SpecialVocab,
+    TokenType,
+)
 from gguf import quants as gguf_quants
 
 from mlx_lm_odmoe.models.common import strip_experts
 
-from .gguf_source import (ARCHS, EXPERT_TENSORS, FLOAT_TYPES, GLOBAL_TENSORS, HF_TO_ARCH, PRE_TOKENIZERS,
-                          REQUIRED, Arch, is_moe_layer, rope_scaling_to_gguf)
+from .gguf_source import (
+    ARCHS,
+    EXPERT_TENSORS,
+    FLOAT_TYPES,
+    GLOBAL_TENSORS,
+    HF_TO_ARCH,
+    PRE_TOKENIZERS,
+    REQUIRED,
+    Arch,
+    is_moe_layer,
+    rope_scaling_to_gguf,
+)
 from .sources import HFSource, text_config
 
 QType = GGMLQuantizationType
@@ -296,7 +314,7 @@ def export_gguf(hf_path, path, outtype: str = "F32", split_max_tensors: int = 0)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m conversion.gguf_export",
+    p = argparse.ArgumentParser(prog="python -m mlx_lm_odmoe.conversion.gguf_export",
                                 description="Write a qwen2_moe / DeepSeek-V3 / Kimi K2 checkpoint as a llama.cpp GGUF.")
     p.add_argument("hf_path", help="Hugging Face checkpoint folder.")
     p.add_argument("out", help="Output .gguf file.")

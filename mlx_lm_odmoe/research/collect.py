@@ -81,6 +81,7 @@ def read_heldout(parser, args) -> np.ndarray:
 
 def run(args, model_path, heldout=None):
     import mlx_lm_odmoe
+
     from .traces import collect
 
     model, _ = mlx_lm_odmoe.load(model_path, expert_cache="100%")

@@ -11,7 +11,6 @@ import argparse
 import json
 import time
 
-
 from .traces import Trace, eval_mask
 
 
@@ -20,8 +19,8 @@ def predictors_for(model, model_dir, trace: Trace, distance: int, shadow_dir=Non
     token mask) restricts the most-frequent counts to training tokens of the
     kind being evaluated: held-out text and generated text use different
     experts."""
-    from . import load_predictor
-    from .baselines import MostFrequent, PreviousToken, RouterLookahead
+    from ..predict import load_predictor
+    from ..predict.baselines import MostFrequent, PreviousToken, RouterLookahead
 
     layers = trace.moe_layers
     out = [
@@ -55,6 +54,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     import mlx_lm_odmoe
+
     from .evaluate import evaluate, markdown_table, plot, time_per_token
 
     model, _ = mlx_lm_odmoe.load(args.model, expert_cache="min")

@@ -1,8 +1,8 @@
 """Big random MoE models with a real architecture's shapes, for benchmarks.
 
-    python -m mlx_lm_odmoe.large_synthetic --preset qwen1.5-moe-a2.7b --out /data/qwen-moe-synth
-    python -m mlx_lm_odmoe.large_synthetic --preset qwen2-57b-a14b --layers 8 --out DIR
-    python -m mlx_lm_odmoe.large_synthetic --preset qwen1.5-moe-a2.7b --out DIR \\
+    python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out /data/qwen-moe-synth
+    python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen2-57b-a14b --layers 8 --out DIR
+    python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out DIR \\
         --stock DIR-stock --gguf DIR.gguf
 
 The model is written straight into the sharded layout: routed experts are
@@ -29,6 +29,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from ..block import moe_layers_of
+from ..model_types import STOCK_TYPE_OF
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "tests" / "data"
 PRESETS = {
     "qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.config.json",
@@ -40,7 +43,7 @@ TINY_PRESET = "tiny-qwen2-moe"
 
 def load_preset(name: Optional[str] = None, config_path: Optional[str] = None) -> dict:
     """A text-model config (K2.5's nested text_config flattened)."""
-    from conversion.sources import text_config
+    from mlx_lm_odmoe.conversion.sources import text_config
 
     if config_path:
         return text_config(json.loads(Path(config_path).read_text()))
@@ -117,7 +120,7 @@ def write_resident(out: Path, config: dict, bits: int, group_size: int, seed: in
     import mlx.nn as nn
     from mlx_lm.utils import quantize_model, save_model
 
-    from conversion.convert import build_skeleton, odmoe_config
+    from mlx_lm_odmoe.conversion.convert import build_skeleton, odmoe_config
 
     mx.random.seed(seed)
     cfg = odmoe_config(config)
@@ -130,7 +133,7 @@ def write_resident(out: Path, config: dict, bits: int, group_size: int, seed: in
     for layer in model.model.layers:  # one layer at a time: bounded memory
         mx.eval(layer.parameters())
     mx.eval(model.parameters())
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    moe_layers = moe_layers_of(model)
     save_model(out, model, donate_model=True)
     (out / "model.safetensors.index.json").unlink(missing_ok=True)
     return cfg, moe_layers
@@ -151,7 +154,7 @@ def write_experts(out: Path, config: dict, moe_layers, bits: int, group_size: in
     import mlx.core as mx
     from tqdm import tqdm
 
-    from conversion.shard_writer import ExpertShardWriter
+    from mlx_lm_odmoe.conversion.shard_writer import ExpertShardWriter
 
     rng = np.random.default_rng(seed)
     shapes = expert_shapes(config, bits, group_size)
@@ -193,7 +196,7 @@ def generate(out, config: dict, bits: int = 4, group_size: int = 64, seed: int =
     """Write a random model with ``config``'s shapes to ``out`` (sharded layout)."""
     from mlx_lm.utils import save_config
 
-    from conversion.atomic import atomic_dir
+    from mlx_lm_odmoe.conversion.atomic import atomic_dir
     from mlx_lm_odmoe.layout import FORMAT_VERSION
 
     from .synthetic import write_tokenizer
@@ -215,7 +218,7 @@ def generate(out, config: dict, bits: int = 4, group_size: int = 64, seed: int =
 
 # -- the same model for other runtimes ----------------------------------------
 
-_STOCK_TYPES = {"qwen2_moe_odmoe": "qwen2_moe"}
+_EXPORTABLE = ("qwen2_moe_odmoe",)  # types whose stock checkpoint and GGUF this can write
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -229,15 +232,15 @@ def export_stock(model_dir, out, force: bool = False, progress: bool = True) -> 
     import mlx.core as mx
     from tqdm import tqdm
 
-    from conversion.atomic import atomic_dir
+    from mlx_lm_odmoe.conversion.atomic import atomic_dir
 
-    from .store import ShardedFolderReader
-    from .store.records import record_to_arrays
+    from ..store import ShardedFolderReader
+    from ..store.records import record_to_arrays
 
     model_dir = Path(model_dir)
     config = _odmoe_config(model_dir)
-    if config["model_type"] not in _STOCK_TYPES:
-        raise ValueError(f"stock export supports {sorted(_STOCK_TYPES)}, not {config['model_type']!r}")
+    if config["model_type"] not in _EXPORTABLE:
+        raise ValueError(f"stock export supports {list(_EXPORTABLE)}, not {config['model_type']!r}")
     reader = ShardedFolderReader(model_dir, verify=False)
     layout = reader.layout
     _check_disk(Path(out).parent, layout.total_nbytes)
@@ -253,7 +256,7 @@ def export_stock(model_dir, out, force: bool = False, progress: bool = True) -> 
             del recs, stacked
             bar.update(layout.record_nbytes * layout.num_experts)
         bar.close()
-        config["model_type"] = _STOCK_TYPES[config["model_type"]]
+        config["model_type"] = STOCK_TYPE_OF[config["model_type"]]
         config.pop("odmoe", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
         for name in _TOKENIZER_FILES:
@@ -307,19 +310,26 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
     from gguf import GGMLQuantizationType as QType
     from tqdm import tqdm
 
-    from conversion.gguf_export import GGUFPlan, PlannedTensor, _arch_for, _metadata, _name_order, write_gguf
-    from conversion.gguf_source import EXPERT_TENSORS, GLOBAL_TENSORS
+    from mlx_lm_odmoe.conversion.gguf_export import (
+        GGUFPlan,
+        PlannedTensor,
+        _arch_for,
+        _metadata,
+        _name_order,
+        write_gguf,
+    )
+    from mlx_lm_odmoe.conversion.gguf_source import EXPERT_TENSORS, GLOBAL_TENSORS
 
-    from .store import ShardedFolderReader
-    from .store.records import record_to_arrays
+    from ..store import ShardedFolderReader
+    from ..store.records import record_to_arrays
 
     model_dir, path = Path(model_dir), Path(path)
     config = _odmoe_config(model_dir)
     q = config.get("quantization") or {}
-    if config["model_type"] not in _STOCK_TYPES or q.get("bits") != 4 or q.get("mode", "affine") != "affine":
+    if config["model_type"] not in _EXPORTABLE or q.get("bits") != 4 or q.get("mode", "affine") != "affine":
         raise ValueError("GGUF export needs a 4-bit affine qwen2_moe_odmoe model")
     gs = q["group_size"]
-    hf_config = dict(config, model_type=_STOCK_TYPES[config["model_type"]])
+    hf_config = dict(config, model_type=STOCK_TYPE_OF[config["model_type"]])
     arch = _arch_for(hf_config)
     kv = _metadata(model_dir, arch, hf_config, QType.Q4_1, model_dir.name)
     weights = {}
@@ -384,7 +394,7 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m mlx_lm_odmoe.large_synthetic",
+        prog="python -m mlx_lm_odmoe.tools.large_synthetic",
         description="Write a big random MoE model with a real architecture's shapes in the sharded "
         "expert layout (and optionally the same model as a stock mlx-lm checkpoint and a GGUF).",
         epilog=f"Presets (configs in tests/data): {', '.join(sorted(PRESETS))}; {TINY_PRESET} is a tiny "

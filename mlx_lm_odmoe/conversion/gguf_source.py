@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, TokenType
 from gguf import quants as gguf_quants
 
@@ -653,7 +652,15 @@ PRE_TOKENIZERS = {
 def build_tokenizer(get: Callable):
     """A byte-level BPE ``PreTrainedTokenizerFast`` from llama.cpp's
     ``tokenizer.ggml.*`` keys (``get(key, default)`` reads one)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     kind = get("tokenizer.ggml.model", None)

@@ -23,10 +23,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .base import later_layers
-from .baselines import multi_hot
-from .routers import router_prior
-from .shadow import CONFIG_NAME, WEIGHTS_NAME, ShadowNet, parameter_count, save_shadow
+from ..predict.base import later_layers
+from ..predict.baselines import multi_hot
+from ..predict.routers import router_prior
+from ..predict.shadow import CONFIG_NAME, WEIGHTS_NAME, ShadowNet, parameter_count, save_shadow
 from .traces import Trace, eval_mask, previous_topk
 
 

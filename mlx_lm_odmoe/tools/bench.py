@@ -85,8 +85,8 @@ def _load_mlx(spec: dict):
     if kind == "resident":
         # Cheapest store to open, then every expert read into one stacked
         # array per layer: a model with all experts in memory, no cache logic.
-        from .runtime import runtime_of
-        from .store import MemoryStore
+        from ..runtime import runtime_of
+        from ..store import MemoryStore
 
         model, tok = mlx_lm_odmoe.load(spec["path"], expert_cache="min")
         rt = runtime_of(model)
@@ -238,7 +238,7 @@ def run_contender(spec: dict, args, cgroup_limit: Optional[int]) -> dict:
 
     if args.cold or cgroup_limit:
         drop_all_page_caches()
-    cmd = [sys.executable, "-m", "mlx_lm_odmoe.bench", "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "mlx_lm_odmoe.tools.bench", "--worker", json.dumps(spec)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     row = {"name": spec["name"], "kind": spec["kind"]}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -338,7 +338,7 @@ def model_sizes(model: Path) -> Dict[str, int]:
     experts = 0
     index = model / "experts" / "index.json"
     if index.exists():
-        from .layout import load_layout
+        from ..layout import load_layout
 
         experts = load_layout(model / "experts").total_nbytes
     return {"resident_bytes": resident, "expert_bytes": experts}
@@ -366,7 +366,7 @@ def model_folder(value: str, what: str = "--model") -> Path:
 
 
 def parse_limit(value: str, total: int) -> int:
-    from .budget import parse_budget
+    from ..budget import parse_budget
 
     return parse_budget(value, total)
 
@@ -479,7 +479,7 @@ def _versions() -> str:
 
 
 def _machine() -> str:
-    from .budget import physical_memory
+    from ..budget import physical_memory
 
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {physical_memory() / 2**30:.1f} GiB RAM"
 

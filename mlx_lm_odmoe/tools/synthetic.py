@@ -6,12 +6,13 @@ DeepSeek's fused ``kv_b_proj``) with the ``safetensors`` library, so the
 converters and stock mlx-lm read it like any downloaded model.
 """
 
-import importlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..model_types import STOCK_TYPE_OF
 
 TINY_QWEN2_MOE = {
     "architectures": ["Qwen2MoeForCausalLM"],
@@ -124,7 +125,7 @@ def export_hf(model_dir, out_dir) -> Path:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model
 
-    from . import load
+    from .. import load
 
     model, _ = load(model_dir, expert_cache="100%")
     store = model.expert_runtime.store
@@ -143,7 +144,7 @@ def export_hf(model_dir, out_dir) -> Path:
                 w = mx.dequantize(w, pool[f"{proj}.scales"], pool.get(f"{proj}.biases"), q["group_size"], q["bits"])
             params[f"model.layers.{l}.mlp.switch_mlp.{proj}.weight"] = np.array(w.astype(mx.float32))
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    config["model_type"] = {"qwen2_moe_odmoe": "qwen2_moe", "kimi_k2_odmoe": "kimi_k2"}[config["model_type"]]
+    config["model_type"] = STOCK_TYPE_OF[config["model_type"]]
     for k in ("odmoe", "quantization", "quantization_config"):
         config.pop(k, None)
     out = write_hf_checkpoint(out_dir, config, weights=to_hf_names(params))
