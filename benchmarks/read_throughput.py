@@ -1,6 +1,6 @@
 """Expert read throughput with a cold page cache, against raw sequential reads.
 
-    sudo python benchmarks/read_throughput.py --model /work/bench-data/qwen-moe-synth
+    sudo python benchmarks/read_throughput.py --model bench-data/qwen-moe-synth
 
 For the experts of the first expert shard, alternately (page cache dropped
 before each run):

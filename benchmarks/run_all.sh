@@ -3,9 +3,9 @@
 # cache drops, memory cgroups) from the repository root. Big generated models
 # go to $DATA (outside the repository); results to benchmarks/results/.
 #
-#   DATA=/work/bench-data bash benchmarks/run_all.sh
+#   DATA=bench-data bash benchmarks/run_all.sh
 set -euo pipefail
-DATA=${DATA:-/work/bench-data}
+DATA=${DATA:-bench-data}
 RES=benchmarks/results
 PY=${PY:-python}
 
@@ -21,7 +21,7 @@ $PY benchmarks/decode_overhead.py --model $DATA/tiny-qwen2-moe-stock-q4 \
     --budgets 100%,50%,25%,12.5% --tokens 256 --rounds 7
 # ... and the Kimi-architecture model, against mlx-lm's own 4-bit conversion of
 #     the trained float32 checkpoint (training/README.md makes it).
-mlx_lm.convert --hf-path ${ARTIFACTS:-/work/artifacts}/tiny-kimi-mlx --mlx-path $DATA/tiny-kimi-stock-q4 \
+mlx_lm.convert --hf-path ${ARTIFACTS:-training/artifacts}/tiny-kimi-mlx --mlx-path $DATA/tiny-kimi-stock-q4 \
     -q --q-group-size 32 --dtype float32
 $PY -m mlx_lm_odmoe.tools.bench --model models/tiny-kimi --stock $DATA/tiny-kimi-stock-q4 \
     --tokens 256 --reps 5 --out $RES/tiny-kimi --title "tiny-kimi (trained, 4-bit): odmoe vs stock mlx-lm"

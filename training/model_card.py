@@ -1,7 +1,7 @@
 """Write a shipped model's README.md (model card) from the training log and
 the held-out statistics of the trained and of the shipped checkpoint.
 
-    python training/model_card.py --trained /work/artifacts/tiny-qwen2-moe-mlx \
+    python training/model_card.py --trained artifacts/tiny-qwen2-moe-mlx \
         --shipped-stats shipped-stats.json --out models/tiny-qwen2-moe
 """
 

@@ -15,8 +15,8 @@ written by ``prepare_data.py`` and reports:
     uniformly random sets.
 
 Usage:
-  python training/model_stats.py /work/artifacts/tiny-qwen2-moe-mlx \\
-      --data /work/artifacts/data --json /work/artifacts/tiny-qwen2-moe-mlx/stats.json
+  python training/model_stats.py artifacts/tiny-qwen2-moe-mlx \\
+      --data artifacts/data --json artifacts/tiny-qwen2-moe-mlx/stats.json
 """
 
 import argparse
@@ -42,7 +42,7 @@ def multi_hot(inds, n_experts):
 def main():
     ap = argparse.ArgumentParser(description="Held-out stats of an MoE checkpoint.")
     ap.add_argument("model")
-    ap.add_argument("--data", default="/work/artifacts/data")
+    ap.add_argument("--data", default="artifacts/data")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-windows", type=int, default=None)

@@ -10,14 +10,14 @@ A file goes to the held-out split when the first byte of the SHA-256 of its
 relative path (prefixed with the source name) is below ``--heldout-threshold``
 (default 8/256, about 3%). Documents are joined with ``<|endoftext|>``.
 
-Outputs in ``--out`` (default /work/artifacts/data):
+Outputs in ``--out`` (default artifacts/data):
   tokenizer/            tokenizer.json, tokenizer_config.json, special_tokens_map.json
   train.npy, heldout.npy  uint16 token ids
   files.json            the exact file lists of both splits
   meta.json             sizes and settings
 
 Usage:
-  python training/prepare_data.py --out /work/artifacts/data
+  python training/prepare_data.py --out artifacts/data
 """
 
 import argparse
@@ -126,7 +126,7 @@ def train_tokenizer(texts, vocab_size, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/work/artifacts/data")
+    ap.add_argument("--out", default="artifacts/data")
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--heldout-threshold", type=int, default=8)
     args = ap.parse_args()

@@ -16,7 +16,7 @@ Presets:
 Example:
   LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
   python training/train_tiny_moe.py --preset tiny-qwen2-moe --minutes 40 \\
-      --seed 0 --data /work/artifacts/data --out /work/artifacts/tiny-qwen2-moe-mlx
+      --seed 0 --data artifacts/data --out artifacts/tiny-qwen2-moe-mlx
 """
 
 import argparse
@@ -188,7 +188,7 @@ def main():
                     help="stop after this many steps while keeping the schedule "
                          "of --steps (replays a run that hit its time limit)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default="/work/artifacts/data")
+    ap.add_argument("--data", default="artifacts/data")
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)

@@ -1,7 +1,7 @@
 """Residency curves: what each expert budget costs against all experts resident.
 
     mlx_lm_odmoe.bench --model models/tiny-qwen2-moe --stock /path/to/stock-mlx --out bench-out
-    mlx_lm_odmoe.bench --model DIR --quick --out /tmp/b            # smoke run
+    mlx_lm_odmoe.bench --model DIR --quick --out bench-quick        # smoke run
     sudo mlx_lm_odmoe.bench --model DIR --stock DIR-stock --gguf DIR.gguf \\
         --cgroup-limit 50% --budgets 2GB --out bench-out/cgroup     # bigger than RAM
 

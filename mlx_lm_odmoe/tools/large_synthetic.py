@@ -1,6 +1,6 @@
 """Big random MoE models with a real architecture's shapes, for benchmarks.
 
-    python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out /data/qwen-moe-synth
+    python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out qwen-moe-synth
     python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen2-57b-a14b --layers 8 --out DIR
     python -m mlx_lm_odmoe.tools.large_synthetic --preset qwen1.5-moe-a2.7b --out DIR \\
         --stock DIR-stock --gguf DIR.gguf
