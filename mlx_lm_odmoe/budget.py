@@ -4,11 +4,12 @@ import math
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from .errors import BudgetError
 
-ENV_VAR = "MLX_LM_ODMOE_EXPERT_CACHE"
+ENV_VAR = "MLX_LM_ODMOE_EXPERT_CACHE"  # read in settings.py; named in messages
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -84,29 +85,56 @@ def physical_memory() -> int:
         return 16 * 2**30
 
 
-def default_budget(total_nbytes: int) -> int:
-    """All experts if they take at most half of physical memory, else half."""
-    return min(total_nbytes, physical_memory() // 2)
+def default_budget(total_nbytes: int, memory: Optional[int] = None) -> int:
+    """All experts if they take at most half of ``memory`` (default: this
+    machine's physical memory), else half."""
+    return min(total_nbytes, (physical_memory() if memory is None else memory) // 2)
 
 
-def resolve_budget(explicit, config_value, total_nbytes: int,
-                   where: str = "the expert cache budget") -> int:
-    """The first budget given: ``explicit`` (which came from ``where``),
-    ``$MLX_LM_ODMOE_EXPERT_CACHE``, config.json's; else :func:`default_budget`."""
-    sources = ((explicit, where), (os.environ.get(ENV_VAR), f"${ENV_VAR}"),
-               (config_value, "config.json's odmoe.expert_cache"))
-    for v, source in sources:
-        b = parse_budget(check_expert_cache(v, source), total_nbytes)
-        if b is not None:
-            return b
-    return default_budget(total_nbytes)
+def resolve_budget(value, total_nbytes: int, where: str = "the expert cache budget") -> int:
+    """Bytes of the budget ``value`` (from ``where``: settings.py picks the
+    strongest of the load() argument, the environment and config.json);
+    :func:`default_budget` if none was given."""
+    b = parse_budget(check_expert_cache(value, where), total_nbytes)
+    return default_budget(total_nbytes) if b is None else b
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What a budget buys in every MoE layer: slots for cached experts and,
+    when a predictor runs, staging slots for its guesses, carved out of the
+    budget (speculation never evicts the working set)."""
+
+    budget_bytes: int  # what all slots take: (slots + staging) * record * layers
+    slots: int  # cached experts per layer
+    staging: int  # prefetch staging slots per layer
+    num_experts: int
+
+    @property
+    def residency(self) -> float:
+        return (self.slots + self.staging) / self.num_experts
+
+
+def plan_budget(budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int,
+                staging: int = 0) -> BudgetPlan:
+    """The one rule from bytes to slots; raises :class:`BudgetError` if a
+    layer cannot hold one token's selected experts. ``staging`` slots
+    never leave fewer than ``top_k`` cached ones."""
+    slots = slots_for_budget(budget, record_nbytes, num_layers, num_experts, top_k)
+    staging = max(0, min(staging, slots - top_k))
+    return BudgetPlan(slots * record_nbytes * num_layers, slots - staging, staging, num_experts)
+
+
+def slots_that_fit(budget: int, record_nbytes: int, num_layers: int, num_experts: int) -> int:
+    """Experts per layer ``budget`` bytes hold (at most all of them)."""
+    return min(num_experts, budget // max(1, record_nbytes * num_layers))
 
 
 def slots_for_budget(budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int) -> int:
     minimum = top_k * record_nbytes * num_layers
     if budget == MINIMUM:
         return min(top_k, num_experts)
-    per_layer = budget // max(1, record_nbytes * num_layers)
+    per_layer = slots_that_fit(budget, record_nbytes, num_layers, num_experts)
     if per_layer < top_k:
         raise BudgetError(
             f"expert cache budget of {_fmt(budget)} is too small: each of the "
@@ -114,7 +142,7 @@ def slots_for_budget(budget: int, record_nbytes: int, num_layers: int, num_exper
             f"({_fmt(record_nbytes)} each), i.e. at least {_fmt(minimum)}. Raise it with "
             f"expert_cache=..., ${ENV_VAR} or config.json's odmoe.expert_cache."
         )
-    return min(per_layer, num_experts)
+    return per_layer
 
 
 def _fmt(n: int) -> str:

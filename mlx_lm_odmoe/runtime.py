@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .budget import resolve_budget, slots_for_budget
+from .budget import BudgetPlan, plan_budget, resolve_budget
 from .settings import ENV_PREFIX, Settings
 from .telemetry import ExpertStats, LayerStats
 
@@ -93,19 +93,19 @@ class ExpertRuntime:
             reader = SlicedReader(reader, *self.part)
         layout = reader.layout
         layers = self._layers(layout)
-        self.budget, slots = self._plan(layout, len(layers))
-        staging = self.settings.prefetch_staging
-        if slots < layout.num_experts and self.predictor is None:
+        plan = self._plan(layout, len(layers))
+        if plan.slots < layout.num_experts and self.predictor is None:
             self.predictor = self._load_predictor(reader)
         if self.predictor is not None:
-            # Prefetch staging comes out of the budget, never on top of it.
-            staging = min(staging, slots - self.top_k)
-            slots -= staging
-            if staging <= 0:
+            plan = self._plan(layout, len(layers), self.settings.prefetch_staging)
+            if plan.staging == 0:
                 self.predictor = None
+        self.budget, slots, staging = plan.budget_bytes, plan.slots, plan.staging
+        if self.predictor is None:  # room for one attached later (research, tests)
+            staging = self.settings.prefetch_staging
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
         store = CachedStore(reader, slots, policy=self._policy(), threads=self.settings.read_threads,
-                            telemetry=telemetry, max_staged=max(staging, 0) * len(layers))
+                            telemetry=telemetry, max_staged=staging * len(layers))
         if store.identity and self.settings.preload:
             store.warm(layers)
         self._store = store
@@ -155,12 +155,10 @@ class ExpertRuntime:
         active = self.active_layers() if self.active_layers else None
         return [l for l in layout.moe_layers if active is None or l in active]
 
-    def _plan(self, layout, num_layers=None):
-        """(budget bytes, slots per layer) for ``num_layers`` MoE layers."""
+    def _plan(self, layout, num_layers=None, staging: int = 0) -> BudgetPlan:
         n = num_layers or len(layout.moe_layers)
-        budget = resolve_budget(self.settings.expert_cache, None, layout.total_nbytes)
-        slots = slots_for_budget(budget, layout.record_nbytes, n, layout.num_experts, self.top_k)
-        return slots * layout.record_nbytes * n, slots
+        budget = resolve_budget(self.settings.expert_cache, layout.total_nbytes, self.settings.expert_cache_source)
+        return plan_budget(budget, layout.record_nbytes, n, layout.num_experts, self.top_k, staging)
 
     def _base_reader(self):
         if self.model_dir is None:

@@ -11,7 +11,6 @@ thread computing the model folds (the "owner"); a reader on another thread
 import bisect
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -20,7 +19,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-LOG_ENV_VAR = "MLX_LM_ODMOE_LOG_INTERVAL"
 logger = logging.getLogger("mlx_lm_odmoe")
 
 # Fetch latency histogram bucket edges, in microseconds (log2 spaced).
@@ -43,9 +41,7 @@ def show_summaries():
 
 class Telemetry:
     def __init__(self, moe_layers: List[int], num_experts: int, log_interval_s: float = None):
-        if log_interval_s is None:
-            log_interval_s = float(os.environ.get(LOG_ENV_VAR, 0) or 0)
-        self.log_interval_s = log_interval_s
+        self.log_interval_s = log_interval_s or 0.0  # seconds; the runtime passes settings.log_interval
         self._last_log = time.monotonic()
         if log_interval_s:
             show_summaries()

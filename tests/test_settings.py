@@ -60,3 +60,11 @@ def test_an_unknown_environment_variable_value_fails_the_load(models, monkeypatc
 def test_a_misspelled_environment_variable_is_an_error():
     with pytest.raises(SettingsError, match=r"\$MLX_LM_ODMOE_EXPERT_CACH\b.*Did you mean \$MLX_LM_ODMOE_EXPERT_CACHE"):
         Settings.build({}, environ={"MLX_LM_ODMOE_EXPERT_CACH": "25%"})
+
+
+def test_one_budget_plan_carves_staging_out_of_the_budget():
+    from mlx_lm_odmoe.budget import plan_budget
+
+    plan = plan_budget(10 * 100 * 3, record_nbytes=100, num_layers=3, num_experts=16, top_k=2, staging=4)
+    assert (plan.slots, plan.staging, plan.budget_bytes) == (6, 4, 3000)
+    assert plan_budget(3 * 100 * 3, 100, 3, 16, 2, staging=4).staging == 1  # never below top_k cached

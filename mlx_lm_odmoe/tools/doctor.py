@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ..block import moe_layers_of
-from ..budget import MINIMUM, parse_budget, physical_memory
+from ..budget import MINIMUM, default_budget, parse_budget, physical_memory, slots_that_fit
 from ..layout import EXPERTS_DIR, INDEX_NAME, load_layout, read_safetensors_header
 from ..model_types import STOCK_TYPE_OF, is_odmoe_type
 
@@ -409,8 +409,8 @@ def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, he
         budget = parse_budget(budget_spec, experts)
         budget = minimum if budget == MINIMUM else budget
     else:
-        budget = max(0, min(experts, memory // 2, left))  # the loader's default rule, for this memory
-    slots = min(E, budget // (R * L)) if R and L else 0
+        budget = max(0, min(default_budget(experts, memory), left))  # the loader's rule, for this memory
+    slots = slots_that_fit(budget, R, L, E) if R and L else 0
     r = slots / E if E else 0.0
     out = {
         "resident_bytes": resident, "expert_bytes": experts, "expert_record_bytes": R, "moe_layers": L,
