@@ -44,8 +44,9 @@ def config_of(folder: Path) -> dict:
 
 
 def greedy_tokens(model, tokenizer, n=16):
-    return [r.token for r in mlx_lm.stream_generate(model, tokenizer, "def fibonacci(n):",
-                                                    max_tokens=n)]
+    return [
+        r.token for r in mlx_lm.stream_generate(model, tokenizer, "def fibonacci(n):", max_tokens=n)
+    ]
 
 
 def expert(folder: Path, layer: int, e: int) -> dict:
@@ -79,13 +80,21 @@ def test_inflated_model_generates_the_small_models_tokens_and_logits(inflated, n
 @pytest.mark.parametrize("name", SHIPPED)
 def test_float_experts_are_the_dequantized_source_plus_random_rows_and_zero_columns(inflated, name):
     src = MODELS / name
-    inter, width = config_of(src)["moe_intermediate_size"], config_of(inflated(name))["moe_intermediate_size"]
+    inter, width = (
+        config_of(src)["moe_intermediate_size"],
+        config_of(inflated(name))["moe_intermediate_size"],
+    )
     q = config_of(src)["quantization"]
     layer = json.loads((src / "experts" / "index.json").read_text())["moe_layers"][-1]
     small, wide = expert(src, layer, 3), expert(inflated(name), layer, 3)
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        real = mx.dequantize(small[f"{proj}.weight"], small[f"{proj}.scales"], small[f"{proj}.biases"],
-                             group_size=q["group_size"], bits=q["bits"])
+        real = mx.dequantize(
+            small[f"{proj}.weight"],
+            small[f"{proj}.scales"],
+            small[f"{proj}.biases"],
+            group_size=q["group_size"],
+            bits=q["bits"],
+        )
         w = wide[f"{proj}.weight"]
         assert w.dtype == mx.float32 and f"{proj}.scales" not in wide
         if proj == "down_proj":
@@ -98,7 +107,9 @@ def test_float_experts_are_the_dequantized_source_plus_random_rows_and_zero_colu
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_quantized_inflation_keeps_the_source_bytes_and_zeroes_the_extra_down_groups(inflated, name):
+def test_quantized_inflation_keeps_the_source_bytes_and_zeroes_the_extra_down_groups(
+    inflated, name
+):
     src = MODELS / name
     layer = json.loads((src / "experts" / "index.json").read_text())["moe_layers"][0]
     small, wide = expert(src, layer, 5), expert(inflated(name, quantized=True), layer, 5)
@@ -109,7 +120,7 @@ def test_quantized_inflation_keeps_the_source_bytes_and_zeroes_the_extra_down_gr
         kept = b[:, : a.shape[1]] if axis else b[: a.shape[0]]
         assert mx.array_equal(kept, a), key
         if axis and not key.endswith(".weight"):  # zero scales and biases: the columns are 0
-            assert not mx.any(b[:, a.shape[1]:]).item(), key
+            assert not mx.any(b[:, a.shape[1] :]).item(), key
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -123,7 +134,10 @@ def test_record_size_and_config_describe_the_wider_experts(inflated, name):
         assert config["odmoe"]["expert_bytes"] == record
         index = json.loads((folder / "experts" / "index.json").read_text())
         assert index["record_nbytes"] == record
-        assert config["odmoe"]["inflated_from"]["moe_intermediate_size"] == small["moe_intermediate_size"]
+        assert (
+            config["odmoe"]["inflated_from"]["moe_intermediate_size"]
+            == small["moe_intermediate_size"]
+        )
         assert config["odmoe"]["inflated_from"]["width"] == width
     assert config_of(out)["quantization"] == small["quantization"]  # the resident part's
 
@@ -139,12 +153,20 @@ def test_qwen_keeps_its_shared_expert_and_kimi_widens_its_tied_one(inflated):
     deepseek_v3 with moe_intermediate_size * n_shared_experts, so Kimi's
     resident shared experts widen too (zero down_proj groups)."""
     qwen = inflated("tiny-qwen2-moe")
-    assert (qwen / "model.safetensors").read_bytes() == (MODELS / "tiny-qwen2-moe" / "model.safetensors").read_bytes()
-    small, wide = mx.load(str(MODELS / "tiny-kimi" / "model.safetensors")), mx.load(str(inflated("tiny-kimi") / "model.safetensors"))
+    assert (qwen / "model.safetensors").read_bytes() == (
+        MODELS / "tiny-qwen2-moe" / "model.safetensors"
+    ).read_bytes()
+    small, wide = (
+        mx.load(str(MODELS / "tiny-kimi" / "model.safetensors")),
+        mx.load(str(inflated("tiny-kimi") / "model.safetensors")),
+    )
     key = "model.layers.1.mlp.shared_experts.down_proj"
     assert wide[f"{key}.weight"].shape[1] == 2 * small[f"{key}.weight"].shape[1]
     cols = small[f"{key}.scales"].shape[1]
-    assert not mx.any(wide[f"{key}.scales"][:, cols:]).item() and not mx.any(wide[f"{key}.biases"][:, cols:]).item()
+    assert (
+        not mx.any(wide[f"{key}.scales"][:, cols:]).item()
+        and not mx.any(wide[f"{key}.biases"][:, cols:]).item()
+    )
     assert set(wide) == set(small)
     for k in small:
         if ".shared_experts." not in k:
@@ -153,8 +175,13 @@ def test_qwen_keeps_its_shared_expert_and_kimi_widens_its_tied_one(inflated):
 
 def run_inflate(*args):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(BIN / "mlx_lm_odmoe.inflate"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run(
+        [str(BIN / "mlx_lm_odmoe.inflate"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_the_command_prints_the_sizes_and_refuses_bad_input_without_a_traceback(tmp_path):
@@ -162,14 +189,17 @@ def test_the_command_prints_the_sizes_and_refuses_bad_input_without_a_traceback(
     ok = run_inflate("--from", src, "--width", 256, "-q", tmp_path / "wide")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "122880 bytes" in ok.stdout and " MB on disk" in ok.stdout  # 2 x 61440-byte records
+    new = tmp_path / "other"
     for args, message in [
-        (("--width", 100), "--width 100 is smaller than the model's moe_intermediate_size 128"),
-        (("--width", 160, "-q"), "must be a multiple of 64"),
-        (("--width", 256), "already exists"),
+        (
+            (src, "--width", 100, new),
+            "--width 100 is smaller than the model's moe_intermediate_size",
+        ),
+        ((src, "--width", 160, "-q", new), "must be a multiple of 64"),
+        ((src, "--width", 256, tmp_path / "wide"), "already exists"),
+        ((tmp_path / "missing", "--width", 256, new), "no such model folder"),
     ]:
-        proc = run_inflate("--from", src, *args, tmp_path / "wide")
+        proc = run_inflate("--from", *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert f"error: " in proc.stderr and message in proc.stderr, proc.stderr
-    proc = run_inflate("--from", tmp_path / "missing", "--width", 256, tmp_path / "other")
-    assert proc.returncode == 2 and "no such model folder" in proc.stderr, proc.stderr
+        assert "error: " in proc.stderr and message in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]  # nothing half-written

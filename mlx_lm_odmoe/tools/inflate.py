@@ -59,8 +59,14 @@ _NOT_COPIED = ("config.json", "README.md", EXPERTS_DIR)
 def _dequantize(parts: Dict[str, mx.array], q: Optional[dict]) -> mx.array:
     if q is None:
         return parts["weight"].astype(mx.float32)
-    return mx.dequantize(parts["weight"], parts["scales"], parts.get("biases"),
-                         group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+    return mx.dequantize(
+        parts["weight"],
+        parts["scales"],
+        parts.get("biases"),
+        group_size=q["group_size"],
+        bits=q["bits"],
+        mode=q.get("mode", "affine"),
+    )
 
 
 def _random_rows(real: mx.array, n: int, rng: np.random.Generator) -> mx.array:
@@ -69,8 +75,14 @@ def _random_rows(real: mx.array, n: int, rng: np.random.Generator) -> mx.array:
     return mx.array(rng.standard_normal((n, real.shape[1]), dtype=np.float32) * std)
 
 
-def widen_projection(proj: str, parts: Dict[str, mx.array], extra: int, q: Optional[dict],
-                     rng: np.random.Generator, dtype=None) -> Dict[str, mx.array]:
+def widen_projection(
+    proj: str,
+    parts: Dict[str, mx.array],
+    extra: int,
+    q: Optional[dict],
+    rng: np.random.Generator,
+    dtype=None,
+) -> Dict[str, mx.array]:
     """One projection with ``extra`` more intermediate units.
 
     ``dtype``: dequantize to it; None keeps the format (a quantized
@@ -91,14 +103,19 @@ def _widen_quantized(proj, parts, real, extra, q, rng):
     if proj == "down_proj":
         # Zero scales and biases: every extra input column dequantizes to 0.
         rows = real.shape[0]
-        pad = {"weight": mx.zeros((rows, extra * bits // 32), mx.uint32),
-               "scales": mx.zeros((rows, extra // gs), parts["scales"].dtype),
-               "biases": mx.zeros((rows, extra // gs), parts["scales"].dtype)}
+        pad = {
+            "weight": mx.zeros((rows, extra * bits // 32), mx.uint32),
+            "scales": mx.zeros((rows, extra // gs), parts["scales"].dtype),
+            "biases": mx.zeros((rows, extra // gs), parts["scales"].dtype),
+        }
         axis = 1
     else:
         w, s, b = mx.quantize(_random_rows(real, extra, rng), gs, bits, mode=mode)
-        pad = {"weight": w, "scales": s.astype(parts["scales"].dtype),
-               "biases": b.astype(parts["scales"].dtype)}
+        pad = {
+            "weight": w,
+            "scales": s.astype(parts["scales"].dtype),
+            "biases": b.astype(parts["scales"].dtype),
+        }
         axis = 0
     return {k: mx.concatenate([v, pad[k]], axis=axis) for k, v in parts.items()}
 
@@ -161,8 +178,9 @@ def _check_width(width: int, config: dict, q: Optional[dict], keep_quantized: bo
         groups.append(("the routed experts (-q keeps their quantization)", q["group_size"]))
     rq = config.get("quantization")
     if _shared_is_tied(config) and rq:
-        groups.append(("the shared expert (quantized, widened with the routed ones)",
-                       rq["group_size"]))
+        groups.append(
+            ("the shared expert (quantized, widened with the routed ones)", rq["group_size"])
+        )
     for what, gs in groups:
         if (width - inter) % gs:
             raise ConversionError(
@@ -200,13 +218,15 @@ def widen_shared_experts(src: Path, out: Path, config: dict, layout, extra: int,
             parts = {p: weights[f"{path}.{p}"] for p in _PARTS if f"{path}.{p}" in weights}
             if "weight" not in parts:
                 raise ConversionError(f"{src}: no {path}.weight among the resident weights")
-            for p, v in widen_projection(proj, parts, extra, _quantization_of(config, path, weights),
-                                         rng).items():
+            for p, v in widen_projection(
+                proj, parts, extra, _quantization_of(config, path, weights), rng
+            ).items():
                 weights[f"{path}.{p}"] = v
             added += extra * config["hidden_size"]
     for f, shard in zip(files, shards):
-        mx.save_safetensors(str(out / f.name), {k: weights[k] for k in shard},
-                            metadata={"format": "mlx"})
+        mx.save_safetensors(
+            str(out / f.name), {k: weights[k] for k in shard}, metadata={"format": "mlx"}
+        )
     index = src / "model.safetensors.index.json"
     if index.exists():
         data = json.loads(index.read_text())
@@ -230,9 +250,17 @@ def _copy_resident(src: Path, out: Path, skip=()):
 # -- the command ----------------------------------------------------------------
 
 
-def inflate(src, out, width: int, dtype: Optional[str] = "float32", keep_quantized: bool = False,
-            seed: int = 0, shard_size_gb: float = 2.0, force: bool = False,
-            progress: bool = True):
+def inflate(
+    src,
+    out,
+    width: int,
+    dtype: Optional[str] = "float32",
+    keep_quantized: bool = False,
+    seed: int = 0,
+    shard_size_gb: float = 2.0,
+    force: bool = False,
+    progress: bool = True,
+):
     """Write ``out``: ``src`` with every routed expert ``width`` wide.
 
     ``dtype``: type of the dequantized experts; ignored with
@@ -250,8 +278,10 @@ def inflate(src, out, width: int, dtype: Optional[str] = "float32", keep_quantiz
         source = reader.layout
         q = source.quantization
         if keep_quantized and q is None:
-            raise ConversionError(f"-q keeps the experts' quantization, but {src}'s experts are "
-                                  "not quantized; drop -q")
+            raise ConversionError(
+                f"-q keeps the experts' quantization, but {src}'s experts are "
+                "not quantized; drop -q"
+            )
         _check_width(width, config, q, keep_quantized)
         extra = width - config["moe_intermediate_size"]
         mx_dtype = None if keep_quantized else getattr(mx, dtype)
@@ -309,7 +339,7 @@ def _write_config(out, config, src, width, layout, dtype, keep_quantized, seed, 
             "seed": seed,
             "shared_expert": "widened too (its size is tied)" if tied else "unchanged",
             "note": "I/O-bound testbed made by mlx_lm_odmoe.inflate: the extra expert units "
-                    "add exact zeros, so outputs equal the source model's up to float rounding",
+            "add exact zeros, so outputs equal the source model's up to float rounding",
         },
     }
     save_config(config, config_path=out / "config.json")
@@ -335,23 +365,41 @@ def configure_parser() -> argparse.ArgumentParser:
             "its SSD. Resident weights, tokenizer and a trained shadow model are copied."
         ),
         epilog="Example: mlx_lm_odmoe.inflate --from models/tiny-qwen2-moe --width 8192 "
-               "--dtype float32 tiny-qwen2-moe-wide  (192 experts of 25 MB: 4.8 GB)",
+        "--dtype float32 tiny-qwen2-moe-wide  (192 experts of 25 MB: 4.8 GB)",
     )
     p.add_argument("out", metavar="OUT", help="Output folder (must not exist unless --force).")
-    p.add_argument("--from", dest="src", required=True, metavar="MODEL",
-                   help="A converted odmoe model folder (config.json, experts/index.json).")
-    p.add_argument("--width", type=int, required=True,
-                   help="New moe_intermediate_size of every routed expert (>= the current one). "
-                        "Record bytes at float32: 3 * width * hidden_size * 4.")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="Type of the dequantized experts. Default: float32 (MLX's CPU gather "
-                        "kernels are float32-only).")
-    p.add_argument("-q", "--quantize", action="store_true",
-                   help="Keep the experts in the source's quantization (e.g. 4-bit), padded in "
-                        "the quantized domain, instead of dequantizing them.")
+    p.add_argument(
+        "--from",
+        dest="src",
+        required=True,
+        metavar="MODEL",
+        help="A converted odmoe model folder (config.json, experts/index.json).",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        required=True,
+        help="New moe_intermediate_size of every routed expert (>= the current one). "
+        "Record bytes at float32: 3 * width * hidden_size * 4.",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="Type of the dequantized experts. Default: float32 (MLX's CPU gather "
+        "kernels are float32-only).",
+    )
+    p.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="Keep the experts in the source's quantization (e.g. 4-bit), padded in "
+        "the quantized domain, instead of dequantizing them.",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the extra rows. Default: 0")
-    p.add_argument("--shard-size-gb", type=float, default=2.0,
-                   help="Largest expert shard in GB. Default: 2")
+    p.add_argument(
+        "--shard-size-gb", type=float, default=2.0, help="Largest expert shard in GB. Default: 2"
+    )
     p.add_argument("--force", action="store_true", help="Replace OUT if it exists.")
     return p
 
@@ -359,20 +407,32 @@ def configure_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = configure_parser().parse_args(argv)
     if args.quantize and args.dtype is not None:
-        print("error: --dtype is for dequantized experts; -q keeps them quantized, "
-              "give one or the other", file=sys.stderr)
+        print(
+            "error: --dtype is for dequantized experts; -q keeps them quantized, "
+            "give one or the other",
+            file=sys.stderr,
+        )
         return 2
     try:
-        layout = inflate(args.src, args.out, args.width, dtype=args.dtype or "float32",
-                         keep_quantized=args.quantize, seed=args.seed,
-                         shard_size_gb=args.shard_size_gb, force=args.force)
+        layout = inflate(
+            args.src,
+            args.out,
+            args.width,
+            dtype=args.dtype or "float32",
+            keep_quantized=args.quantize,
+            seed=args.seed,
+            shard_size_gb=args.shard_size_gb,
+            force=args.force,
+        )
     except (OdmoeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     total = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(f"[INFO] Wrote {args.out}: {_size(total)} on disk; "
-          f"{layout.num_experts} experts x {len(layout.moe_layers)} layers, "
-          f"{_size(layout.record_nbytes)} per expert record ({layout.record_nbytes} bytes)")
+    print(
+        f"[INFO] Wrote {args.out}: {_size(total)} on disk; "
+        f"{layout.num_experts} experts x {len(layout.moe_layers)} layers, "
+        f"{_size(layout.record_nbytes)} per expert record ({layout.record_nbytes} bytes)"
+    )
     return 0
 
 
