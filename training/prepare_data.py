@@ -29,6 +29,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from chat_template import write_chat_template  # noqa: E402
+
 SOURCES = [
     ("stdlib", "/usr/lib/python3.11", (".py",)),
     ("docs", "/usr/share/doc/python3.11/html/_sources", (".txt",)),
@@ -43,13 +46,6 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOT, IM_START, IM_END]
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def collect_files():
     files = []
@@ -58,9 +54,7 @@ def collect_files():
             sys.exit(f"missing corpus source {root} (apt-get install python3.11-doc?)")
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(
-                d
-                for d in dirnames
-                if d not in SKIP_DIRS and not d.startswith(SKIP_DIR_PREFIXES)
+                d for d in dirnames if d not in SKIP_DIRS and not d.startswith(SKIP_DIR_PREFIXES)
             )
             for fn in sorted(filenames):
                 if fn.endswith(exts):
@@ -119,8 +113,8 @@ def train_tokenizer(texts, vocab_size, out_dir):
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
+    write_chat_template(out_dir)  # into tokenizer_config.json, where the shipped folders have it
     return tok
 
 
@@ -152,8 +146,7 @@ def main():
             train_docs.append(text)
             train_files.append(f"{name}/{rel}")
     print(
-        f"files: train {len(train_files)}, heldout {len(heldout_files)}, "
-        f"skipped {len(skipped)}",
+        f"files: train {len(train_files)}, heldout {len(heldout_files)}, skipped {len(skipped)}",
         flush=True,
     )
 
