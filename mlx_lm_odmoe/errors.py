@@ -33,3 +33,7 @@ class GGUFError(ConversionError):
 
 class ModelNotFoundError(OdmoeError, FileNotFoundError):
     """A model folder does not exist (and is not a Hub id)."""
+
+
+class BackendError(OdmoeError, RuntimeError):
+    """The model cannot run on this machine's MLX backend (as converted)."""

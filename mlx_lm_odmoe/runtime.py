@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .backend import check_experts_run_here
 from .budget import BudgetPlan, plan_budget, resolve_budget
 from .settings import ENV_PREFIX, Settings
 from .telemetry import ExpertStats, LayerStats
@@ -104,8 +105,14 @@ class ExpertRuntime:
         if self.predictor is None:  # room for one attached later (research, tests)
             staging = self.settings.prefetch_staging
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
-        store = CachedStore(reader, slots, policy=self._policy(), threads=self.settings.read_threads,
-                            telemetry=telemetry, max_staged=staging * len(layers))
+        store = CachedStore(
+            reader,
+            slots,
+            policy=self._policy(),
+            threads=self.settings.read_threads,
+            telemetry=telemetry,
+            max_staged=staging * len(layers),
+        )
         if store.identity and self.settings.preload:
             store.warm(layers)
         self._store = store
@@ -157,7 +164,9 @@ class ExpertRuntime:
 
     def _plan(self, layout, num_layers=None, staging: int = 0) -> BudgetPlan:
         n = num_layers or len(layout.moe_layers)
-        budget = resolve_budget(self.settings.expert_cache, layout.total_nbytes, self.settings.expert_cache_source)
+        budget = resolve_budget(
+            self.settings.expert_cache, layout.total_nbytes, self.settings.expert_cache_source
+        )
         return plan_budget(budget, layout.record_nbytes, n, layout.num_experts, self.top_k, staging)
 
     def _base_reader(self):
@@ -179,7 +188,10 @@ class ExpertRuntime:
                 drop_cache=self.settings.drop_page_cache,
             )
         if self.expected:
-            check_layout(reader.layout, self.expected, getattr(reader, "index_path", self.model_dir))
+            check_layout(
+                reader.layout, self.expected, getattr(reader, "index_path", self.model_dir)
+            )
+        check_experts_run_here(reader.layout, self.model_dir)
         return reader
 
     def _sharded_reader(self):
@@ -194,7 +206,9 @@ class ExpertRuntime:
         layout = load_layout(self.model_dir / EXPERTS_DIR)
         if all((self.model_dir / EXPERTS_DIR / s["file"]).exists() for s in layout.shards):
             return ShardedFolderReader(self.model_dir, drop_cache=drop)  # already in the cache
-        reader = ShardedFolderReader(self.model_dir, resolve=shard_resolver(snapshot), drop_cache=drop)
+        reader = ShardedFolderReader(
+            self.model_dir, resolve=shard_resolver(snapshot), drop_cache=drop
+        )
         if self.settings.hub_download == "all":
             for i in range(len(layout.shards)):
                 reader.shard_path(i)
@@ -233,7 +247,11 @@ def check_layout(layout, expected: dict, where) -> None:
     D, I = expected["hidden_size"], expected["moe_intermediate_size"]
     q = layout.quantization
     specs = {t.name: t for t in layout.tensors}
-    for name, (rows, cols) in {"gate_proj.weight": (I, D), "up_proj.weight": (I, D), "down_proj.weight": (D, I)}.items():
+    for name, (rows, cols) in {
+        "gate_proj.weight": (I, D),
+        "up_proj.weight": (I, D),
+        "down_proj.weight": (D, I),
+    }.items():
         t = specs.get(name)
         if t is None:
             fail(f"no {name} tensor")

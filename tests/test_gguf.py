@@ -31,8 +31,14 @@ from mlx_lm_odmoe.tools.synthetic import TINY_KIMI, TINY_QWEN2_MOE, hf_weights, 
 Q = GGMLQuantizationType
 CONFIGS = {"qwen2_moe": TINY_QWEN2_MOE, "kimi_k2": TINY_KIMI}
 KINDS = list(CONFIGS)
-TEXTS = ["def hello(world):\n    return world * 2\n", "<|endoftext|>x<|endoftext|>", "  two  spaces\t\ttabs\n\n",
-         "it's 12345 don't", "héllo wörld 中文 🚀", ""]
+TEXTS = [
+    "def hello(world):\n    return world * 2\n",
+    "<|endoftext|>x<|endoftext|>",
+    "  two  spaces\t\ttabs\n\n",
+    "it's 12345 don't",
+    "héllo wörld 中文 🚀",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,9 @@ def ggufs(models, tmp_path_factory):
 
     def get(kind, outtype):
         if (kind, outtype) not in cache:
-            cache[kind, outtype] = export_gguf(models(kind, "hf"), root / f"{kind}-{outtype}.gguf", outtype)[0]
+            cache[kind, outtype] = export_gguf(
+                models(kind, "hf"), root / f"{kind}-{outtype}.gguf", outtype
+            )[0]
         return cache[kind, outtype]
 
     return get
@@ -76,12 +84,16 @@ def gguf_weights(config: dict, weights: dict, qtype: Q) -> dict:
     tensor but DeepSeek's attn_k_b (kv_b_proj's key half, transposed)."""
     out = {}
     for k, v in weights.items():
-        if v.ndim == 1 or k.endswith(("norm.weight", "mlp.gate.weight", "shared_expert_gate.weight")):
+        if v.ndim == 1 or k.endswith(
+            ("norm.weight", "mlp.gate.weight", "shared_expert_gate.weight")
+        ):
             out[k] = v
         elif k.endswith("kv_b_proj.weight"):
             nope = config["qk_nope_head_dim"]
             kv_b = v.reshape(config["num_attention_heads"], nope + config["v_head_dim"], -1)
-            k_b = _through(np.ascontiguousarray(kv_b[:, :nope].swapaxes(1, 2)), qtype).swapaxes(1, 2)
+            k_b = _through(np.ascontiguousarray(kv_b[:, :nope].swapaxes(1, 2)), qtype).swapaxes(
+                1, 2
+            )
             out[k] = np.concatenate([k_b, _through(kv_b[:, nope:], qtype)], axis=1).reshape(v.shape)
         else:
             out[k] = _through(v, qtype)
@@ -89,7 +101,9 @@ def gguf_weights(config: dict, weights: dict, qtype: Q) -> dict:
 
 
 def _convert_cli(gguf_path, out):
-    assert convert_main(["--gguf", str(gguf_path), "--mlx-path", str(out), "--dtype", "float32"]) == 0
+    assert (
+        convert_main(["--gguf", str(gguf_path), "--mlx-path", str(out), "--dtype", "float32"]) == 0
+    )
     return out
 
 
@@ -105,20 +119,26 @@ def test_float32_gguf_converts_bit_identical(ggufs, stock, tmp_path, kind):
     for text in TEXTS:
         assert tokenizer.encode(text) == stock_tokenizer.encode(text), text
     kwargs = dict(prompt="def hello(", max_tokens=12)
-    assert mlx_lm.generate(model, tokenizer, **kwargs) == mlx_lm.generate(stock_model, stock_tokenizer, **kwargs)
+    assert mlx_lm.generate(model, tokenizer, **kwargs) == mlx_lm.generate(
+        stock_model, stock_tokenizer, **kwargs
+    )
     assert tokenizer.chat_template == stock_tokenizer.chat_template
     assert json.loads((out / "config.json").read_text())["model_type"].endswith("_odmoe")
 
 
 QUANTIZED = [("qwen2_moe", t) for t in ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")] + [
-    ("kimi_k2", t) for t in ("F16", "Q8_0", "Q4_0")]
+    ("kimi_k2", t) for t in ("F16", "Q8_0", "Q4_0")
+]
 
 
 @pytest.mark.parametrize("kind,outtype", QUANTIZED)
 def test_half_and_quantized_ggufs_equal_their_dequantized_weights(ggufs, tmp_path, kind, outtype):
     gguf_path = ggufs(kind, outtype)
     types = {t.name: t.tensor_type for t in GGUFReader(gguf_path).tensors}
-    assert types["blk.1.ffn_gate_exps.weight"] == Q[outtype] and types["blk.1.attn_norm.weight"] == Q.F32
+    assert (
+        types["blk.1.ffn_gate_exps.weight"] == Q[outtype]
+        and types["blk.1.attn_norm.weight"] == Q.F32
+    )
 
     config = CONFIGS[kind]
     hf = hf_weights(config, seed=1)
@@ -135,7 +155,13 @@ def test_mlx_quantized_conversion_of_a_gguf_equals_that_of_its_weights(ggufs, tm
     weights = gguf_weights(config, hf_weights(config, seed=1), Q.Q8_0)
     ref = write_hf_checkpoint(tmp_path / "ref", config, weights=weights)
     convert(ref, tmp_path / "from_hf", quantize=True, dtype="float32", progress=False)
-    convert(ggufs("kimi_k2", "Q8_0"), tmp_path / "from_gguf", quantize=True, dtype="float32", progress=False)
+    convert(
+        ggufs("kimi_k2", "Q8_0"),
+        tmp_path / "from_gguf",
+        quantize=True,
+        dtype="float32",
+        progress=False,
+    )
     want, _ = mlx_lm_odmoe.load(tmp_path / "from_hf", expert_cache="min")
     got, _ = mlx_lm_odmoe.load(tmp_path / "from_gguf", expert_cache="min")
     assert _logits_diff(want, got) == 0.0
@@ -148,12 +174,40 @@ def test_dequantized_resident_weights_take_the_target_type_at_once(ggufs):
     assert GGUFSource(path).resident_weights()[name].dtype == mx.float16
     weights = GGUFSource(path, "float32").resident_weights()
     assert weights[name].dtype == mx.float32
-    assert weights["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32  # stored F32
+    assert (
+        weights["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == mx.float32
+    )  # stored F32
 
 
-K_QWEN = dict(TINY_QWEN2_MOE, hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
-              shared_expert_intermediate_size=256, num_experts=4, num_hidden_layers=2)
-K_TYPES = {"ffn_gate_exps.weight": Q.Q4_K, "ffn_up_exps.weight": Q.Q5_K, "ffn_down_exps.weight": Q.Q6_K}
+@pytest.mark.parametrize("outtype", ["F16", "Q8_0"])
+def test_default_dtype_is_float32_without_a_gpu_else_the_files(ggufs, tmp_path, outtype):
+    """MLX's CPU backend cannot multiply float16 experts; where it is all
+    there is, a GGUF converts to float32 unless told otherwise."""
+    from mlx_lm_odmoe.backend import expert_float_dtype, has_gpu
+    from mlx_lm_odmoe.layout import load_layout
+
+    out = convert(ggufs("qwen2_moe", outtype), tmp_path / "od", progress=False)
+    want = "float16" if has_gpu() else "float32"
+    assert expert_float_dtype(load_layout(out / "experts")) == want
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == want
+    model, tokenizer = mlx_lm_odmoe.load(out, expert_cache="min")
+    assert len(mlx_lm.generate(model, tokenizer, prompt="def f(", max_tokens=4)) > 0
+
+
+K_QWEN = dict(
+    TINY_QWEN2_MOE,
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=256,
+    shared_expert_intermediate_size=256,
+    num_experts=4,
+    num_hidden_layers=2,
+)
+K_TYPES = {
+    "ffn_gate_exps.weight": Q.Q4_K,
+    "ffn_up_exps.weight": Q.Q5_K,
+    "ffn_down_exps.weight": Q.Q6_K,
+}
 
 
 def _random_blocks(shape, qtype, seed):
@@ -174,18 +228,26 @@ def test_k_quant_experts_are_sliced_before_dequantizing(tmp_path):
         suffix = t.name.split(".", 2)[-1]
         if suffix in K_TYPES:
             qtype = K_TYPES[suffix]
-            plan.tensors[i] = PlannedTensor(t.name, t.shape, qtype, _random_blocks(t.shape, qtype, i), raw=True)
+            plan.tensors[i] = PlannedTensor(
+                t.name, t.shape, qtype, _random_blocks(t.shape, qtype, i), raw=True
+            )
     gguf_path = write_gguf(plan, tmp_path / "k.gguf")[0]
 
-    whole = {t.name: gguf_quants.dequantize(t.data, t.tensor_type) for t in GGUFReader(gguf_path).tensors
-             if t.tensor_type in K_TYPES.values()}
+    whole = {
+        t.name: gguf_quants.dequantize(t.data, t.tensor_type)
+        for t in GGUFReader(gguf_path).tensors
+        if t.tensor_type in K_TYPES.values()
+    }
     src = GGUFSource(gguf_path)
     weights = hf_weights(K_QWEN, seed=3)
     for layer in range(K_QWEN["num_hidden_layers"]):
         for e in range(K_QWEN["num_experts"]):
             got = src.expert(layer, e)
-            for suffix, proj in (("ffn_gate_exps.weight", "gate_proj"), ("ffn_up_exps.weight", "up_proj"),
-                                 ("ffn_down_exps.weight", "down_proj")):
+            for suffix, proj in (
+                ("ffn_gate_exps.weight", "gate_proj"),
+                ("ffn_up_exps.weight", "up_proj"),
+                ("ffn_down_exps.weight", "down_proj"),
+            ):
                 want = whole[f"blk.{layer}.{suffix}"][e]
                 assert np.array_equal(np.array(got[f"{proj}.weight"]), want)
                 weights[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = want
@@ -239,28 +301,64 @@ LLAMA_CPP_SHAPES = {
     },
 }
 LLAMA_CPP_KEYS = {
-    "qwen2_moe": ["block_count", "context_length", "embedding_length", "feed_forward_length",
-                  "attention.head_count", "attention.head_count_kv", "rope.freq_base",
-                  "attention.layer_norm_rms_epsilon", "expert_count", "expert_used_count",
-                  "expert_feed_forward_length", "expert_shared_feed_forward_length"],
-    "kimi_k2": ["block_count", "leading_dense_block_count", "expert_count", "expert_used_count",
-                "expert_shared_count", "expert_weights_scale", "expert_weights_norm", "expert_gating_func",
-                "expert_group_count", "expert_group_used_count", "attention.q_lora_rank",
-                "attention.kv_lora_rank", "attention.key_length", "attention.value_length",
-                "attention.key_length_mla", "attention.value_length_mla", "rope.dimension_count", "vocab_size"],
+    "qwen2_moe": [
+        "block_count",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "expert_count",
+        "expert_used_count",
+        "expert_feed_forward_length",
+        "expert_shared_feed_forward_length",
+    ],
+    "kimi_k2": [
+        "block_count",
+        "leading_dense_block_count",
+        "expert_count",
+        "expert_used_count",
+        "expert_shared_count",
+        "expert_weights_scale",
+        "expert_weights_norm",
+        "expert_gating_func",
+        "expert_group_count",
+        "expert_group_used_count",
+        "attention.q_lora_rank",
+        "attention.kv_lora_rank",
+        "attention.key_length",
+        "attention.value_length",
+        "attention.key_length_mla",
+        "attention.value_length_mla",
+        "rope.dimension_count",
+        "vocab_size",
+    ],
 }
 
 
 def _dims(config):
     c = config
-    dims = {"n_embd": c["hidden_size"], "n_vocab": c["vocab_size"], "n_ff": c["intermediate_size"],
-            "n_ff_exp": c["moe_intermediate_size"], "n_expert": c.get("num_experts") or c.get("n_routed_experts"),
-            "n_embd_gqa": c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"],
-            "n_ff_shexp": c.get("shared_expert_intermediate_size"), "n_head": c["num_attention_heads"]}
+    dims = {
+        "n_embd": c["hidden_size"],
+        "n_vocab": c["vocab_size"],
+        "n_ff": c["intermediate_size"],
+        "n_ff_exp": c["moe_intermediate_size"],
+        "n_expert": c.get("num_experts") or c.get("n_routed_experts"),
+        "n_embd_gqa": c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"],
+        "n_ff_shexp": c.get("shared_expert_intermediate_size"),
+        "n_head": c["num_attention_heads"],
+    }
     if "kv_lora_rank" in c:
-        dims.update(q_lora_rank=c["q_lora_rank"], kv_lora_rank=c["kv_lora_rank"], nope=c["qk_nope_head_dim"],
-                    v_head=c["v_head_dim"], kv_lora_rank_rope=c["kv_lora_rank"] + c["qk_rope_head_dim"],
-                    n_head_x_k=c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]))
+        dims.update(
+            q_lora_rank=c["q_lora_rank"],
+            kv_lora_rank=c["kv_lora_rank"],
+            nope=c["qk_nope_head_dim"],
+            v_head=c["v_head_dim"],
+            kv_lora_rank_rope=c["kv_lora_rank"] + c["qk_rope_head_dim"],
+            n_head_x_k=c["num_attention_heads"] * (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]),
+        )
     return dims
 
 
@@ -273,19 +371,39 @@ def test_exported_file_has_llama_cpp_names_shapes_and_keys(ggufs, kind):
     dims = _dims(CONFIGS[kind])
     for name, ne in LLAMA_CPP_SHAPES[kind].items():
         assert tensors[name].shape.tolist() == [dims.get(d, d) for d in ne], name
-    routers = [t for t in tensors.values() if "ffn_gate_inp" in t.name or t.name.endswith(("_norm.weight", ".bias"))]
+    routers = [
+        t
+        for t in tensors.values()
+        if "ffn_gate_inp" in t.name or t.name.endswith(("_norm.weight", ".bias"))
+    ]
     assert routers and all(t.tensor_type == Q.F32 for t in routers)
-    assert not any("attn_kv_b" in name for name in tensors)  # split into k_b / v_b, as llama.cpp does
+    assert not any(
+        "attn_kv_b" in name for name in tensors
+    )  # split into k_b / v_b, as llama.cpp does
     for key in LLAMA_CPP_KEYS[kind]:
         assert f"{arch}.{key}" in reader.fields, key
-    for key in ("general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-                "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id"):
+    for key in (
+        "general.file_type",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.eos_token_id",
+    ):
         assert key in reader.fields, key
     assert reader.fields["general.file_type"].contents() == 7  # LLAMA_FTYPE_MOSTLY_Q8_0
 
 
-YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "beta_fast": 32.0,
-        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # Kimi K2's form
+YARN = {
+    "type": "yarn",
+    "factor": 8.0,
+    "original_max_position_embeddings": 256,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}  # Kimi K2's form
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -297,7 +415,9 @@ def test_config_round_trips_through_metadata(tmp_path, kind):
     gguf_path = export_gguf(hf, tmp_path / "m.gguf")[0]
     got = GGUFSource(gguf_path).config
     for key, value in config.items():
-        if value is not None and key != "attention_bias":  # llama.cpp has no attention bias for deepseek2
+        if (
+            value is not None and key != "attention_bias"
+        ):  # llama.cpp has no attention bias for deepseek2
             assert got[key] == value, key
     if kind == "kimi_k2":
         # Models only: transformers 5 cannot build any tokenizer (stock included)
@@ -315,20 +435,51 @@ def test_exporter_refuses_types_gguf_py_cannot_write(models, tmp_path):
 
 # --- Tokenizer -------------------------------------------------------------------------
 
-_K2_LETTERS = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_K2_LETTERS = (
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]",
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]",
+)
 PRE_TOKENIZERS = {  # tokenizer.ggml.pre -> (the split regexes of a tokenizer.json it names, ignore_merges)
-    "qwen2": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+"], False),
-    "llama-bpe": ([r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"], True),
-    "deepseek-v3": ([r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+",
-                     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-                     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"], False),
-    "kimi-k2": (["|".join([  # tokenization_kimi.py
-        r"[\p{Han}]+",
-        r"[^\r\n\p{L}\p{N}]?%s*%s+(?i:'s|'t|'re|'ve|'m|'ll|'d)?" % _K2_LETTERS,
-        r"[^\r\n\p{L}\p{N}]?%s+%s*(?i:'s|'t|'re|'ve|'m|'ll|'d)?" % _K2_LETTERS,
-        r"\p{N}{1,3}", r" ?[^\s\p{L}\p{N}]+[\r\n]*", r"\s*[\r\n]+", r"\s+(?!\S)", r"\s+"])], True),
+    "qwen2": (
+        [
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ],
+        False,
+    ),
+    "llama-bpe": (
+        [
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ],
+        True,
+    ),
+    "deepseek-v3": (
+        [
+            r"\p{N}{1,3}",
+            r"[一-龥぀-ゟ゠-ヿ]+",
+            r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+            r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+        ],
+        False,
+    ),
+    "kimi-k2": (
+        [
+            "|".join(
+                [  # tokenization_kimi.py
+                    r"[\p{Han}]+",
+                    r"[^\r\n\p{L}\p{N}]?%s*%s+(?i:'s|'t|'re|'ve|'m|'ll|'d)?" % _K2_LETTERS,
+                    r"[^\r\n\p{L}\p{N}]?%s+%s*(?i:'s|'t|'re|'ve|'m|'ll|'d)?" % _K2_LETTERS,
+                    r"\p{N}{1,3}",
+                    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+                    r"\s*[\r\n]+",
+                    r"\s+(?!\S)",
+                    r"\s+",
+                ]
+            )
+        ],
+        True,
+    ),
 }
 
 
@@ -339,10 +490,15 @@ def _write_split_tokenizer(folder, regexes, ignore_merges):
     tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS * 30 + [json.dumps(TINY_KIMI)] * 10, trainer)
     tok.save(str(folder / "tokenizer.json"))
 
@@ -385,12 +541,23 @@ def test_transformers_reads_the_tokenizer_when_it_can(ggufs, stock, tmp_path):
         assert rebuilt.encode(text, add_special_tokens=False) == original.encode(text), text
 
 
+def test_the_files_chat_template_becomes_the_folders(ggufs, tmp_path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    path = ggufs("kimi_k2", "Q8_0")
+    template = GGUFReader(path).fields["tokenizer.chat_template"].contents()
+    assert "add_generation_prompt" in template
+    out = convert(path, tmp_path / "od", dtype="float32", progress=False)
+    assert load_tokenizer(out).chat_template == template
+
+
 # --- Errors: clear, naming the key or tensor, and no output folder ------------------------
 
 
 def _drop_tensor(name):
     def edit(plan):
         plan.tensors = [t for t in plan.tensors if t.name != name]
+
     return edit
 
 
@@ -398,31 +565,58 @@ def _retype(name, qtype):
     def edit(plan):
         i = next(i for i, t in enumerate(plan.tensors) if t.name == name)
         t = plan.tensors[i]
-        plan.tensors[i] = PlannedTensor(t.name, t.shape, qtype, _random_blocks(t.shape, qtype, 0), raw=True)
+        plan.tensors[i] = PlannedTensor(
+            t.name, t.shape, qtype, _random_blocks(t.shape, qtype, 0), raw=True
+        )
+
     return edit
 
 
 def _set_arch(arch):
     def edit(plan):
         plan.arch = arch
+
     return edit
 
 
 def _drop_key(key):
     def edit(plan):
         del plan.kv[key]
+
     return edit
 
 
 BROKEN = {
-    "unknown architecture": ("qwen2_moe", _set_arch("llama"), "general.architecture 'llama' is not supported"),
-    "unsupported tensor type": ("qwen2_moe", _retype("blk.1.ffn_up_exps.weight", Q.Q8_1),
-                                "'blk.1.ffn_up_exps.weight' is stored as Q8_1"),
-    "missing metadata key": ("qwen2_moe", _drop_key("qwen2moe.expert_count"), "'qwen2moe.expert_count' is missing"),
-    "missing tensor": ("qwen2_moe", _drop_tensor("blk.2.ffn_down_exps.weight"),
-                       "'blk.2.ffn_down_exps.weight' is missing"),
-    "missing split tensor": ("kimi_k2", _drop_tensor("blk.1.attn_v_b.weight"), "'blk.1.attn_v_b.weight' is missing"),
-    "softmax routing": ("kimi_k2", _drop_key("deepseek2.expert_gating_func"), "only sigmoid routing"),
+    "unknown architecture": (
+        "qwen2_moe",
+        _set_arch("llama"),
+        "general.architecture 'llama' is not supported",
+    ),
+    "unsupported tensor type": (
+        "qwen2_moe",
+        _retype("blk.1.ffn_up_exps.weight", Q.Q8_1),
+        "'blk.1.ffn_up_exps.weight' is stored as Q8_1",
+    ),
+    "missing metadata key": (
+        "qwen2_moe",
+        _drop_key("qwen2moe.expert_count"),
+        "'qwen2moe.expert_count' is missing",
+    ),
+    "missing tensor": (
+        "qwen2_moe",
+        _drop_tensor("blk.2.ffn_down_exps.weight"),
+        "'blk.2.ffn_down_exps.weight' is missing",
+    ),
+    "missing split tensor": (
+        "kimi_k2",
+        _drop_tensor("blk.1.attn_v_b.weight"),
+        "'blk.1.attn_v_b.weight' is missing",
+    ),
+    "softmax routing": (
+        "kimi_k2",
+        _drop_key("deepseek2.expert_gating_func"),
+        "only sigmoid routing",
+    ),
 }
 
 
@@ -441,7 +635,10 @@ def test_truncated_gguf_names_the_cut_tensor(ggufs, tmp_path, capsys):
     data = ggufs("qwen2_moe", "F32").read_bytes()
     last = GGUFReader(ggufs("qwen2_moe", "F32")).tensors[-1].name
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
-    assert convert_main(["--gguf", str(tmp_path / "cut.gguf"), "--mlx-path", str(tmp_path / "out")]) == 2
+    assert (
+        convert_main(["--gguf", str(tmp_path / "cut.gguf"), "--mlx-path", str(tmp_path / "out")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "truncated" in err and repr(last) in err
     (tmp_path / "header.gguf").write_bytes(data[:200])  # cut inside the metadata

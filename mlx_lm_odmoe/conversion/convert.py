@@ -5,10 +5,15 @@ Resident weights go through mlx-lm's own sanitize, casting and
 Experts stream one at a time: cast, quantized with ``mx.quantize`` (group-wise,
 so per-expert quantization equals quantizing the stacked tensor), and appended
 to a shard. The output folder appears only when complete.
+
+Without ``dtype`` the float type is float32 where MLX has no GPU (its CPU
+backend cannot multiply 16-bit experts, see ``mlx_lm_odmoe.backend``), and
+the source's elsewhere.
 """
 
 import argparse
 import importlib
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,19 +23,28 @@ import mlx.core as mx
 from mlx.utils import tree_map_with_path
 from tqdm import tqdm
 
+from mlx_lm_odmoe.backend import default_dtype, expert_float_dtype, half_precision_problem
 from mlx_lm_odmoe.block import moe_layers_of
-from mlx_lm_odmoe.errors import OdmoeError
-from mlx_lm_odmoe.layout import FORMAT_VERSION
+from mlx_lm_odmoe.errors import ConversionError, OdmoeError
+from mlx_lm_odmoe.layout import EXPERTS_DIR, FORMAT_VERSION, load_layout
 from mlx_lm_odmoe.model_types import odmoe_type_for, supported_sources
 from mlx_lm_odmoe.models.common import strip_experts
 
 from .atomic import atomic_dir
 from .shard_writer import ExpertShardWriter
-from .sources import open_source, text_config
+from .sources import is_converted, open_source, text_config
 
 DTYPES = ("float32", "float16", "bfloat16")
-_TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
-                    "*.jinja", "chat_template*", "generation_config.json", "*.tiktoken")
+_TOKENIZER_GLOBS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.*",
+    "merges.txt",
+    "*.jinja",
+    "chat_template*",
+    "generation_config.json",
+    "*.tiktoken",
+)
 
 
 def odmoe_config(source_config: dict) -> dict:
@@ -78,6 +92,10 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ):
+    if dtype is None and not quantize and is_converted(hf_path):
+        raise ConversionError(_already_converted(Path(hf_path)))
+    # Chosen before opening: a GGUF source dequantizes straight into it.
+    dtype = dtype or default_dtype()
     src = open_source(hf_path, dtype)
     config = odmoe_config(src.config)
     if src.quantization and quantize:
@@ -86,6 +104,15 @@ def convert(
         dtype = src.config.get("torch_dtype") or config.get("torch_dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype is not None:
+        config["torch_dtype"] = dtype  # what the folder holds (a GGUF's was a guess)
+    problem = half_precision_problem(dtype, bool(quantize or src.quantization))
+    if problem:
+        print(
+            f"warning: --dtype {dtype}: {problem}; --dtype float32 (the default on this "
+            "machine) gives a model that runs well here",
+            file=sys.stderr,
+        )
     mx_dtype = getattr(mx, dtype) if dtype else None
 
     with atomic_dir(Path(mlx_path), force=force) as out:
@@ -96,10 +123,14 @@ def convert(
             _quantize_like_source(model, src.config["quantization"], weights)
         model.load_weights(list(weights.items()), strict=True)
         if mx_dtype is not None:
-            model.update(tree_map_with_path(
-                lambda k, v: v.astype(mx_dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v,
-                model.parameters(),
-            ))
+            model.update(
+                tree_map_with_path(
+                    lambda k, v: (
+                        v.astype(mx_dtype) if keep(k) and mx.issubdtype(v.dtype, mx.floating) else v
+                    ),
+                    model.parameters(),
+                )
+            )
         if quantize:
             from mlx_lm.utils import quantize_model
 
@@ -119,7 +150,8 @@ def convert(
         E = config.get("num_experts") or config.get("n_routed_experts")
 
         def expert(l, e):
-            arrays = _cast(src.expert(l, e), None if qparams and not quantize else mx_dtype)
+            # Scales of quantized experts take the type too, as mlx_lm.convert casts them.
+            arrays = _cast(src.expert(l, e), mx_dtype)
             if quantize:
                 q = {}
                 for name, w in arrays.items():
@@ -129,12 +161,16 @@ def convert(
                             f"--q-group-size {q_group_size}; pick a group size that divides it"
                         )
                     proj = name.rsplit(".", 1)[0]
-                    q[f"{proj}.weight"], q[f"{proj}.scales"], q[f"{proj}.biases"] = mx.quantize(w, q_group_size, q_bits)
+                    q[f"{proj}.weight"], q[f"{proj}.scales"], q[f"{proj}.biases"] = mx.quantize(
+                        w, q_group_size, q_bits
+                    )
                 arrays = q
             mx.eval(arrays)
             return arrays
 
-        writer = ExpertShardWriter(out, expert(moe_layers[0], 0), E, moe_layers, qparams, int(shard_size_gb * 1e9))
+        writer = ExpertShardWriter(
+            out, expert(moe_layers[0], 0), E, moe_layers, qparams, int(shard_size_gb * 1e9)
+        )
         bar = tqdm(total=E * len(moe_layers), desc="experts", unit="expert", disable=not progress)
         for l in moe_layers:
             for e in range(E):
@@ -143,13 +179,18 @@ def convert(
         bar.close()
         layout = writer.finish()
 
-        config["odmoe"] = {"format": FORMAT_VERSION, "expert_bytes": layout.record_nbytes,
-                           "experts_total_bytes": layout.total_nbytes}
+        config["odmoe"] = {
+            "format": FORMAT_VERSION,
+            "expert_bytes": layout.record_nbytes,
+            "experts_total_bytes": layout.total_nbytes,
+        }
         save_config(config, config_path=out / "config.json")
         if hasattr(src, "write_tokenizer"):
             src.write_tokenizer(out)  # a GGUF holds its tokenizer as metadata
         else:
             _copy_tokenizer(Path(hf_path), out)
+        if is_converted(hf_path):
+            _copy(Path(hf_path), out, ("shadow.*",))  # the predictor fits any re-cast
     return Path(mlx_path)
 
 
@@ -175,11 +216,46 @@ def _quantize_like_source(model, quantization: dict, weights: dict):
     )
 
 
-def _copy_tokenizer(src: Path, dst: Path):
-    for pattern in _TOKENIZER_GLOBS:
+def _already_converted(path: Path) -> str:
+    what = f"{path} is already converted (an odmoe folder)"
+    try:
+        layout = load_layout(path / EXPERTS_DIR)
+        problem = half_precision_problem(expert_float_dtype(layout), bool(layout.quantization))
+    except (OSError, ValueError):
+        problem = None  # loading it will say what is wrong
+    if problem and not layout.quantization:
+        return f"{what}, but its {problem}: re-cast it with --dtype float32"
+    runs = f"{what}: it runs as is (mlx_lm.generate --model {path})"
+    if problem:
+        return f"{runs}, though its {problem}; --dtype float32 re-casts it for full speed"
+    return f"{runs}; pass --dtype to re-cast its weights or -q to quantize it"
+
+
+def _copy(src: Path, dst: Path, patterns):
+    for pattern in patterns:
         for f in src.glob(pattern):
             if f.is_file():
                 shutil.copy(f, dst / f.name)
+
+
+def _copy_tokenizer(src: Path, dst: Path):
+    _copy(src, dst, _TOKENIZER_GLOBS)
+    _chat_template_json_to_jinja(dst)
+
+
+def _chat_template_json_to_jinja(folder: Path):
+    """transformers reads a tokenizer's template from tokenizer_config.json
+    or chat_template.jinja, not from a chat_template.json (a processor file):
+    give such a template to the tokenizer too."""
+    legacy, jinja = folder / "chat_template.json", folder / "chat_template.jinja"
+    if not legacy.is_file() or jinja.exists():
+        return
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("chat_template"):
+        return
+    template = json.loads(legacy.read_text()).get("chat_template")
+    if isinstance(template, str):
+        jinja.write_text(template)
 
 
 # -- the mlx_lm_odmoe.convert command ------------------------------------------
@@ -197,20 +273,44 @@ def configure_parser() -> argparse.ArgumentParser:
             "mlx_lm.server / mlx_lm.load."
         ),
         epilog="Examples: mlx_lm_odmoe.convert --hf-path ./Qwen1.5-MoE-A2.7B --mlx-path ./qwen-odmoe -q ; "
-               "mlx_lm_odmoe.convert --gguf ./Kimi-K2-Q4_K_M-00001-of-00013.gguf --mlx-path ./kimi -q",
+        "mlx_lm_odmoe.convert --gguf ./Kimi-K2-Q4_K_M-00001-of-00013.gguf --mlx-path ./kimi -q",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-path", "--model", help="Source model folder.")
-    source.add_argument("--gguf", help="Source llama.cpp GGUF file (qwen2moe or deepseek2); for a split "
-                                       "model, any of its NAME-0000i-of-0000N.gguf parts.")
-    p.add_argument("--mlx-path", default="mlx_model", help="Output folder (must not exist). Default: mlx_model")
-    p.add_argument("-q", "--quantize", action="store_true", help="Quantize (MLX affine) the model, experts included.")
-    p.add_argument("--q-group-size", type=int, default=64, choices=(32, 64, 128), help="Quantization group size. Default: 64")
-    p.add_argument("--q-bits", type=int, default=4, choices=(4, 8), help="Bits per weight. Default: 4")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="Type of float weights (default: the source's torch_dtype). "
-                        "Use float32 for MLX's CPU backend (Linux).")
-    p.add_argument("--shard-size-gb", type=float, default=2.0, help="Largest expert shard in GB. Default: 2")
+    source.add_argument(
+        "--gguf",
+        help="Source llama.cpp GGUF file (qwen2moe or deepseek2); for a split "
+        "model, any of its NAME-0000i-of-0000N.gguf parts.",
+    )
+    p.add_argument(
+        "--mlx-path", default="mlx_model", help="Output folder (must not exist). Default: mlx_model"
+    )
+    p.add_argument(
+        "-q",
+        "--quantize",
+        action="store_true",
+        help="Quantize (MLX affine) the model, experts included.",
+    )
+    p.add_argument(
+        "--q-group-size",
+        type=int,
+        default=64,
+        choices=(32, 64, 128),
+        help="Quantization group size. Default: 64",
+    )
+    p.add_argument(
+        "--q-bits", type=int, default=4, choices=(4, 8), help="Bits per weight. Default: 4"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="Type of float weights. Default: float32 where MLX has no GPU (its CPU "
+        "backend cannot run 16-bit experts), else the source's torch_dtype.",
+    )
+    p.add_argument(
+        "--shard-size-gb", type=float, default=2.0, help="Largest expert shard in GB. Default: 2"
+    )
     p.add_argument("--force", action="store_true", help="Replace --mlx-path if it exists.")
     return p
 
@@ -231,15 +331,15 @@ def main(argv=None):
             shard_size_gb=args.shard_size_gb,
             force=args.force,
         )
-    except (OdmoeError, ValueError, OSError) as e:  # OSError: FileNotFoundError, FileExistsError, ...
+    except (
+        OdmoeError,
+        ValueError,
+        OSError,
+    ) as e:  # OSError: FileNotFoundError, FileExistsError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[INFO] Wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 if __name__ == "__main__":

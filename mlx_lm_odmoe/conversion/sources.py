@@ -13,7 +13,15 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 
-from mlx_lm_odmoe.layout import PROJECTIONS, LayoutError, read_safetensors_header
+from mlx_lm_odmoe.errors import ModelNotFoundError
+from mlx_lm_odmoe.layout import (
+    EXPERTS_DIR,
+    INDEX_NAME,
+    PROJECTIONS,
+    LayoutError,
+    read_safetensors_header,
+)
+from mlx_lm_odmoe.model_types import STOCK_TYPE_OF, is_odmoe_type
 from mlx_lm_odmoe.models.common import is_expert_key
 
 _EXPERT_RE = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
@@ -106,14 +114,19 @@ class MLXSource:
     """A stock mlx-lm checkpoint with stacked ``switch_mlp`` experts."""
 
     def __init__(self, path: Path):
-        from mlx_lm_odmoe.store.readers import StackedCheckpointReader
-
         self.path = Path(path)
         self.config = read_config(self.path)
-        tc = text_config(self.config)
         q = self.config.get("quantization")
-        self.quantization = {k: q[k] for k in ("group_size", "bits", "mode") if k in q} if q else None
-        self.reader = StackedCheckpointReader(self.path, tc["num_hidden_layers"], self.quantization)
+        self.quantization = (
+            {k: q[k] for k in ("group_size", "bits", "mode") if k in q} if q else None
+        )
+        self.reader = self._reader()
+
+    def _reader(self):
+        from mlx_lm_odmoe.store.readers import StackedCheckpointReader
+
+        layers = text_config(self.config)["num_hidden_layers"]
+        return StackedCheckpointReader(self.path, layers, self.quantization)
 
     def resident_weights(self):
         out = {}
@@ -127,13 +140,48 @@ class MLXSource:
         return record_to_arrays(self.reader.read(layer, expert), self.reader.layout)
 
 
+class ConvertedSource(MLXSource):
+    """A folder odmoe already converted, to re-cast or quantize: resident
+    weights from its model*.safetensors, experts from its experts/ shards."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        config = {k: v for k, v in self.config.items() if k != "odmoe"}
+        config["model_type"] = STOCK_TYPE_OF.get(config.get("model_type"), config.get("model_type"))
+        self.config = config
+
+    def _reader(self):
+        from mlx_lm_odmoe.store.readers import ShardedFolderReader
+
+        return ShardedFolderReader(self.path)
+
+
+def is_converted(path) -> bool:
+    """An odmoe folder: an odmoe model_type, or sharded experts."""
+    path = Path(path)
+    if (path / EXPERTS_DIR / INDEX_NAME).is_file():
+        return True
+    try:
+        return is_odmoe_type(json.loads((path / "config.json").read_text()).get("model_type"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def open_source(path, dtype: Optional[str] = None):
-    """A GGUF file (llama.cpp), or a Hugging Face / mlx-lm folder."""
+    """A GGUF file (llama.cpp), or a Hugging Face / mlx-lm / odmoe folder."""
     path = Path(path)
     if path.suffix == ".gguf":
         from .gguf_source import GGUFSource
 
         return GGUFSource(path, dtype)
+    if not path.is_dir():
+        what = "is a file, not a model folder" if path.exists() else "no such folder"
+        raise ModelNotFoundError(
+            f"{path}: {what} (--hf-path takes a Hugging Face, mlx-lm or odmoe model folder; "
+            "a llama.cpp .gguf file goes to --gguf)"
+        )
+    if is_converted(path):
+        return ConvertedSource(path)
     files = _weight_files(path)
     for f in files:
         header, _ = read_safetensors_header(f)
@@ -141,4 +189,6 @@ def open_source(path, dtype: Optional[str] = None):
             return MLXSource(path)
         if any(".mlp.experts." in k for k in header):
             return HFSource(path)
-    raise ValueError(f"{path}: found no routed experts (neither mlp.experts.* nor mlp.switch_mlp.*)")
+    raise ValueError(
+        f"{path}: found no routed experts (neither mlp.experts.* nor mlp.switch_mlp.*)"
+    )
