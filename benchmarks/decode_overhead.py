@@ -58,16 +58,21 @@ def decode_tps(model, tok, prompt: str, tokens: int) -> float:
 
     last = None
     no_eos = lambda t, l: l.at[..., list(tok.eos_token_ids)].add(-1e9)  # noqa: E731 (every run makes `tokens`)
-    for last in mlx_lm.stream_generate(model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0),
-                                       logits_processors=[no_eos]):
+    for last in mlx_lm.stream_generate(
+        model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0), logits_processors=[no_eos]
+    ):
         pass
     return last.generation_tps
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", help="Stock mlx-lm MoE folder (default: a synthetic 4-bit Qwen2-MoE)")
-    p.add_argument("--budgets", default="100%", help="Comma-separated odmoe budgets. Default: 100%%")
+    p.add_argument(
+        "--budgets", default="100%", help="Comma-separated odmoe budgets. Default: 100%%"
+    )
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table")
@@ -93,7 +98,11 @@ def main(argv=None):
         rows = []
         for name, tps in results.items():
             med = statistics.median(tps)
-            row = {"model": name, "decode_tok_s": round(med, 2), "stock_time_ratio": round(base / med, 4)}
+            row = {
+                "model": name,
+                "decode_tok_s": round(med, 2),
+                "stock_time_ratio": round(base / med, 4),
+            }
             if name != "stock":
                 s = mlx_lm_odmoe.stats(contenders[name][0])
                 row.update(hit_rate=s["hit_rate"], bytes_read=s["bytes_read"])
@@ -101,14 +110,18 @@ def main(argv=None):
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"\nDecode, {args.tokens} tokens x {args.rounds} interleaved rounds (median); "
-          "time ratio = stock tok/s / model tok/s (1.00 = as fast as stock)\n")
+    print(
+        f"\nDecode, {args.tokens} tokens x {args.rounds} interleaved rounds (median); "
+        "time ratio = stock tok/s / model tok/s (1.00 = as fast as stock)\n"
+    )
     print("| model | decode tok/s | time vs stock | hit rate |")
     print("|---|---|---|---|")
     for r in rows:
         hr = r.get("hit_rate")
-        print(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['stock_time_ratio']:.3f}x | "
-              f"{'' if hr is None else f'{hr:.3f}'} |")
+        print(
+            f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['stock_time_ratio']:.3f}x | "
+            f"{'' if hr is None else f'{hr:.3f}'} |"
+        )
 
 
 if __name__ == "__main__":

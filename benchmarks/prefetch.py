@@ -27,7 +27,12 @@ CONTENDERS = {
     "lru": {"policy": "lru", "predictor": "off"},
     "lfu": {"policy": "lfu-decay", "predictor": "off"},
     "lfu+prefetch": {"policy": "lfu-decay", "predictor": "on"},
-    "lfu+prefetch/2": {"policy": "lfu-decay", "predictor": "on", "prefetch_stride": 2, "prefetch_distance": 2},
+    "lfu+prefetch/2": {
+        "policy": "lfu-decay",
+        "predictor": "on",
+        "prefetch_stride": 2,
+        "prefetch_distance": 2,
+    },
 }
 
 
@@ -43,9 +48,9 @@ def run(model_dir, settings, budget, tokens):
     no_eos = lambda t, l: l.at[..., list(tok.eos_token_ids)].add(-1e9)  # noqa: E731
     prompt = "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n"
     last = None
-    t0 = time.perf_counter()
-    for last in mlx_lm.stream_generate(model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0),
-                                       logits_processors=[no_eos]):
+    for last in mlx_lm.stream_generate(
+        model, tok, prompt, max_tokens=tokens, sampler=make_sampler(0.0), logits_processors=[no_eos]
+    ):
         pass
     mx.synchronize()
     s = mlx_lm_odmoe.stats(model).to_dict()
@@ -77,7 +82,9 @@ def predictor_ms(model, reps=50):
                 if i % rt.prefetch_stride:
                     P.host_observe(l, host_ids)
                 else:
-                    P.host_guesses(l, np.array(x), host_ids, rt.prefetch_distance, rt.prefetch_min_prob)
+                    P.host_guesses(
+                        l, np.array(x), host_ids, rt.prefetch_distance, rt.prefetch_min_prob
+                    )
             elif i % rt.prefetch_stride:
                 P.observe(l, ids)
             else:
@@ -93,13 +100,17 @@ def predictor_ms(model, reps=50):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="tiny-qwen2-moe,tiny-kimi")
     p.add_argument("--budget", default="25%")
     p.add_argument("--tokens", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    print(f"budget {a.budget}, {a.tokens} greedy tokens, {a.rounds} interleaved rounds (median tok/s)\n")
+    print(
+        f"budget {a.budget}, {a.tokens} greedy tokens, {a.rounds} interleaved rounds (median tok/s)\n"
+    )
     for name in a.models.split(","):
         folder = MODELS / name
         results = {c: [] for c in CONTENDERS}
@@ -109,15 +120,21 @@ def main():
         base = results["lru"][0]
         tps = {c: statistics.median(r["tps"] for r in rs) for c, rs in results.items()}
         print(f"### {name}\n")
-        print("| contender | hit rate | lift over LRU (points) | misses | wasted / miss bytes | prefetch hits | decode tok/s | time vs lru |")
+        print(
+            "| contender | hit rate | lift over LRU (points) | misses | wasted / miss bytes | prefetch hits | decode tok/s | time vs lru |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for c, rs in results.items():
             s = rs[0]
             miss_bytes = s["misses"] * s["expert_nbytes"]
-            wasted = s["wasted_bytes"] / miss_bytes if miss_bytes and s["prefetched_bytes"] else None
-            print(f"| {c} | {s['hit_rate']:.3f} | {100 * (s['hit_rate'] - base['hit_rate']):+.1f} | {s['misses']} | "
-                  f"{'' if wasted is None else f'{wasted:.2f}'} | {s['prefetch_hits']} | {tps[c]:.1f} | "
-                  f"{tps['lru'] / tps[c]:.3f}x |")
+            wasted = (
+                s["wasted_bytes"] / miss_bytes if miss_bytes and s["prefetched_bytes"] else None
+            )
+            print(
+                f"| {c} | {s['hit_rate']:.3f} | {100 * (s['hit_rate'] - base['hit_rate']):+.1f} | {s['misses']} | "
+                f"{'' if wasted is None else f'{wasted:.2f}'} | {s['prefetch_hits']} | {tps[c]:.1f} | "
+                f"{tps['lru'] / tps[c]:.3f}x |"
+            )
         print()
         for c, rs in results.items():
             if rs[0]["predictor_ms"] is None:
@@ -125,10 +142,13 @@ def main():
             pred_ms = statistics.median(r["predictor_ms"] for r in rs)
             token_ms = 1e3 / tps[c]
             recall = rs[0]["predictor_recall"]
-            print(f"{c}: predictor {pred_ms:.2f} ms per token = {100 * pred_ms / token_ms:.1f}% of a decode step "
-                  f"({token_ms:.1f} ms); online recall of the prefetched guesses: "
-                  f"{recall if recall is None else f'{recall:.3f}'}")
+            print(
+                f"{c}: predictor {pred_ms:.2f} ms per token = {100 * pred_ms / token_ms:.1f}% of a decode step "
+                f"({token_ms:.1f} ms); online recall of the prefetched guesses: "
+                f"{recall if recall is None else f'{recall:.3f}'}"
+            )
         print()
+
 
 if __name__ == "__main__":
     main()

@@ -73,11 +73,15 @@ def run_warm(model: Path, layers, threads: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="odmoe model folder (sharded layout)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=4, help="Reader threads (the store's default: 4)")
-    p.add_argument("--direct", action="store_true", help="dd with iflag=direct (O_DIRECT) instead of buffered")
+    p.add_argument(
+        "--direct", action="store_true", help="dd with iflag=direct (O_DIRECT) instead of buffered"
+    )
     p.add_argument("--out", help="Write read_throughput.md and .json into this folder")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -94,9 +98,11 @@ def main(argv=None):
     nbytes = layout.record_nbytes * layout.num_experts * len(layers)
     results = {"dd": [], "reader": [], "warm": []}
     for _ in range(args.reps):
-        for name, fn in (("dd", lambda: run_dd(shard, args.direct)),
-                         ("reader", lambda: run_reader(model, layers, args.threads)),
-                         ("warm", lambda: run_warm(model, layers, args.threads))):
+        for name, fn in (
+            ("dd", lambda: run_dd(shard, args.direct)),
+            ("reader", lambda: run_reader(model, layers, args.threads)),
+            ("warm", lambda: run_warm(model, layers, args.threads)),
+        ):
             drop_caches()
             results[name].append(fn())
             print(f"{name}: {results[name][-1] / 1e6:.0f} MB/s", flush=True)
@@ -113,14 +119,18 @@ def main(argv=None):
         "|---|---|---|---|",
     ]
     for k, v in results.items():
-        lines.append(f"| {k} | {med[k] / 1e6:.0f} | {', '.join(f'{x / 1e6:.0f}' for x in v)} | {med[k] / med['dd']:.2f}x |")
+        lines.append(
+            f"| {k} | {med[k] / 1e6:.0f} | {', '.join(f'{x / 1e6:.0f}' for x in v)} | {med[k] / med['dd']:.2f}x |"
+        )
     report = "\n".join(lines) + "\n"
     print("\n" + report)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "read_throughput.md").write_text(report)
-        (out / "read_throughput.json").write_text(json.dumps({"bytes_per_s": results, "median": med}, indent=1))
+        (out / "read_throughput.json").write_text(
+            json.dumps({"bytes_per_s": results, "median": med}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -29,18 +29,42 @@ def worker(args):
     t0, made = time.time(), 0
     while made < args.tokens:  # several requests, as a server would see
         n = min(1000, args.tokens - made)
-        for i, r in enumerate(mlx_lm.stream_generate(model, tok, "import os\n", max_tokens=n,
-                                                     sampler=make_sampler(1.0), logits_processors=[no_eos])):
+        for i, r in enumerate(
+            mlx_lm.stream_generate(
+                model,
+                tok,
+                "import os\n",
+                max_tokens=n,
+                sampler=make_sampler(1.0),
+                logits_processors=[no_eos],
+            )
+        ):
             if (made + i) % 100 == 0:
-                print(json.dumps({"tokens": made + i, "rss": rss(), "t": time.time() - t0}), flush=True)
+                print(
+                    json.dumps({"tokens": made + i, "rss": rss(), "t": time.time() - t0}),
+                    flush=True,
+                )
         made += n
     s = mlx_lm_odmoe.stats(model)
-    print(json.dumps({"done": made, "rss": rss(), "t": time.time() - t0, "hit_rate": s["hit_rate"],
-                      "misses": s["misses"], "bytes_read": s["bytes_read"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "done": made,
+                "rss": rss(),
+                "t": time.time() - t0,
+                "hit_rate": s["hit_rate"],
+                "misses": s["misses"],
+                "bytes_read": s["bytes_read"],
+            }
+        ),
+        flush=True,
+    )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="models/tiny-qwen2-moe")
     p.add_argument("--tokens", type=int, default=5000)
     p.add_argument("--budget", default="min")
@@ -53,7 +77,17 @@ def main():
 
     from mlx_lm_odmoe.tools.cgroup import MemoryCgroup, unavailable_reason
 
-    cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--tokens", str(args.tokens), "--budget", args.budget]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--tokens",
+        str(args.tokens),
+        "--budget",
+        args.budget,
+    ]
     cg = None
     if args.memory_limit_mb:
         reason = unavailable_reason()
@@ -69,21 +103,30 @@ def main():
     final = next((r for r in rows if "done" in r), None)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Soak: {args.model}, budget {args.budget}, {args.tokens} tokens",
-             f"cgroup limit: {args.memory_limit_mb} MiB" if cg else "no cgroup", ""]
+    lines = [
+        f"# Soak: {args.model}, budget {args.budget}, {args.tokens} tokens",
+        f"cgroup limit: {args.memory_limit_mb} MiB" if cg else "no cgroup",
+        "",
+    ]
     if cg:
-        lines.append(f"cgroup peak usage: {cg.peak_bytes / 2**20:.1f} MiB, OOM kills: {cg.oom_kills}")
+        lines.append(
+            f"cgroup peak usage: {cg.peak_bytes / 2**20:.1f} MiB, OOM kills: {cg.oom_kills}"
+        )
         cg.close()
     lines.append(f"exit code: {proc.returncode}")
     if proc.returncode != 0:
         lines.append(f"error: {err.strip()[-2000:]}")
     if samples:
         first, last = samples[1] if len(samples) > 1 else samples[0], samples[-1]
-        lines.append(f"RSS after {first['tokens']} tokens: {first['rss'] / 2**20:.1f} MiB; after "
-                     f"{last['tokens']}: {last['rss'] / 2**20:.1f} MiB (growth {(last['rss'] - first['rss']) / 2**20:.1f} MiB)")
+        lines.append(
+            f"RSS after {first['tokens']} tokens: {first['rss'] / 2**20:.1f} MiB; after "
+            f"{last['tokens']}: {last['rss'] / 2**20:.1f} MiB (growth {(last['rss'] - first['rss']) / 2**20:.1f} MiB)"
+        )
     if final:
-        lines.append(f"{final['done']} tokens in {final['t']:.1f} s ({final['done'] / final['t']:.1f} tok/s), "
-                     f"hit rate {final['hit_rate']:.3f}, {final['bytes_read'] / 1e6:.1f} MB of experts read")
+        lines.append(
+            f"{final['done']} tokens in {final['t']:.1f} s ({final['done'] / final['t']:.1f} tok/s), "
+            f"hit rate {final['hit_rate']:.3f}, {final['bytes_read'] / 1e6:.1f} MB of experts read"
+        )
     report = "\n".join(lines)
     (outdir / "soak.md").write_text(report + "\n")
     print(report)

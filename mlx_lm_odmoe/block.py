@@ -60,7 +60,9 @@ class OnDemandSwitchGLU(nn.Module):
             glu = SwitchGLU(D, H, 1)
             q = store.layout.quantization
             if q:
-                nn.quantize(glu, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
+                nn.quantize(
+                    glu, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine")
+                )
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 for part in _PARTS:
                     getattr(glu, proj).pop(part, None)
@@ -99,7 +101,9 @@ class OnDemandSwitchGLU(nn.Module):
             return self._run(store, pool, x, indices, keep=True)
 
         predictor = self._runtime.predictor
-        pending, guesses_of = self._predict(predictor, x, indices) if predictor is not None else ([], None)
+        pending, guesses_of = (
+            self._predict(predictor, x, indices) if predictor is not None else ([], None)
+        )
         mx.eval(indices, *pending)  # the one host sync per layer
         if self._early is not None:  # the shared expert computes while we fetch
             self._early.start(x)
@@ -128,7 +132,10 @@ class OnDemandSwitchGLU(nn.Module):
             if self.layer == rt.store.layout.moe_layers[0]:
                 predictor.reset()
             return [], None
-        skip = rt.prefetch_stride > 1 and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride
+        skip = (
+            rt.prefetch_stride > 1
+            and rt.store.layout.moe_layers.index(self.layer) % rt.prefetch_stride
+        )
         if predictor.on_host:
             newest = x[:, -1]
 
@@ -136,14 +143,21 @@ class OnDemandSwitchGLU(nn.Module):
                 if skip:
                     predictor.host_observe(self.layer, ids[:, -1])
                     return {}
-                return predictor.host_guesses(self.layer, np.array(newest), ids[:, -1], rt.prefetch_distance,
-                                              rt.prefetch_min_prob)
+                return predictor.host_guesses(
+                    self.layer,
+                    np.array(newest),
+                    ids[:, -1],
+                    rt.prefetch_distance,
+                    rt.prefetch_min_prob,
+                )
 
             return ([] if skip else [newest]), on_host
         if skip:
             predictor.observe(self.layer, indices[:, -1])  # keeps its per-layer state current
             return [], None
-        guesses = predictor.guesses(self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob)
+        guesses = predictor.guesses(
+            self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob
+        )
         return list(guesses.values()), lambda ids: guesses
 
     @staticmethod

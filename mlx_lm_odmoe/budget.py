@@ -11,15 +11,27 @@ from .errors import BudgetError
 
 ENV_VAR = "MLX_LM_ODMOE_EXPERT_CACHE"  # read in settings.py; named in messages
 
-_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1e3,
+    "mb": 1e6,
+    "gb": 1e9,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"([0-9]*\.?[0-9]+)(%|[kmgt]?i?b?)")
 _ALL, _MIN = ("all", "full", "100%"), ("min", "minimum")
 
 MINIMUM = -1  # parse_budget's answer to "min": just the selected experts
 
-FORMS = ("a size such as '8GB' or '512MiB', a share of all routed experts such as '25%' "
-         "(at most 100%), 'min' (just the selected experts), 'all', or a number of bytes")
+FORMS = (
+    "a size such as '8GB' or '512MiB', a share of all routed experts such as '25%' "
+    "(at most 100%), 'min' (just the selected experts), 'all', or a number of bytes"
+)
 
 
 def parse_budget(value: Union[int, float, str, None], total_nbytes: int) -> Optional[int]:
@@ -115,8 +127,9 @@ class BudgetPlan:
         return (self.slots + self.staging) / self.num_experts
 
 
-def plan_budget(budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int,
-                staging: int = 0) -> BudgetPlan:
+def plan_budget(
+    budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int, staging: int = 0
+) -> BudgetPlan:
     """The one rule from bytes to slots; raises :class:`BudgetError` if a
     layer cannot hold one token's selected experts. ``staging`` slots
     never leave fewer than ``top_k`` cached ones."""
@@ -130,7 +143,9 @@ def slots_that_fit(budget: int, record_nbytes: int, num_layers: int, num_experts
     return min(num_experts, budget // max(1, record_nbytes * num_layers))
 
 
-def slots_for_budget(budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int) -> int:
+def slots_for_budget(
+    budget: int, record_nbytes: int, num_layers: int, num_experts: int, top_k: int
+) -> int:
     minimum = top_k * record_nbytes * num_layers
     if budget == MINIMUM:
         return min(top_k, num_experts)

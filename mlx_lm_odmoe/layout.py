@@ -101,11 +101,15 @@ class ExpertLayout:
         for t in self.tensors:
             axis = slice_axis(t.name)
             if t.shape[axis] % size:
-                raise LayoutError(f"{t.name} {list(t.shape)} does not split {size} ways along axis {axis}")
+                raise LayoutError(
+                    f"{t.name} {list(t.shape)} does not split {size} ways along axis {axis}"
+                )
             shape = list(t.shape)
             shape[axis] //= size
             tensors.append((t.name, t.dtype, tuple(shape)))
-        return ExpertLayout(self.num_experts, list(self.moe_layers), record_specs(tensors), self.quantization)
+        return ExpertLayout(
+            self.num_experts, list(self.moe_layers), record_specs(tensors), self.quantization
+        )
 
     def to_json(self) -> dict:
         return {
@@ -115,8 +119,7 @@ class ExpertLayout:
             "record_nbytes": self.record_nbytes,
             "quantization": self.quantization,
             "tensors": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-                for t in self.tensors
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.tensors
             ],
             "shards": self.shards,
             "experts": {str(l): [list(x) for x in v] for l, v in self.locations.items()},
@@ -194,7 +197,9 @@ def read_safetensors_header(path: Path) -> Tuple[dict, int]:
             raise LayoutError(f"{path}: truncated safetensors file (no header)")
         n = int.from_bytes(raw, "little")
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise LayoutError(f"{path}: safetensors header length {n} is invalid for a {size}-byte file")
+            raise LayoutError(
+                f"{path}: safetensors header length {n} is invalid for a {size}-byte file"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -41,7 +41,9 @@ def resolve_model_path(path_or_repo, revision=None) -> Path:
         ) from e
 
 
-def odmoe_model_config(model_path: Path, config: dict, expert_cache=None, model_config=None) -> dict:
+def odmoe_model_config(
+    model_path: Path, config: dict, expert_cache=None, model_config=None
+) -> dict:
     """The ``model_config`` overrides that make mlx-lm load ``model_path``
     with on-demand experts."""
     mc = dict(model_config or {})

@@ -68,16 +68,25 @@ def _make_classes():
         def _send_health(self):
             generator = self.response_generator
             if generator.load_error is not None:
-                return self._send_json(503, {"status": "unavailable",
-                                             "error": f"the model could not be loaded: {generator.load_error}"})
+                return self._send_json(
+                    503,
+                    {
+                        "status": "unavailable",
+                        "error": f"the model could not be loaded: {generator.load_error}",
+                    },
+                )
             if not generator.is_healthy:
-                return self._send_json(503, {"status": "unavailable", "error": "generation thread died"})
+                return self._send_json(
+                    503, {"status": "unavailable", "error": "generation thread died"}
+                )
             body = {"status": "ok"}
             try:
                 stats = self._stats_or_none()
             except Exception as e:
                 logging.exception("reading expert stats failed")
-                return self._send_json(500, {"status": "error", "error": f"reading expert stats failed: {e}"})
+                return self._send_json(
+                    500, {"status": "error", "error": f"reading expert stats failed: {e}"}
+                )
             if stats is not None:
                 body["experts"] = stats
             self._send_json(200, body)
@@ -88,8 +97,15 @@ def _make_classes():
                 return super().do_POST()
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)  # the body, unread, would desync keep-alive
-            self._send_json(503, {"error": {"message": f"the model could not be loaded: {failure}",
-                                            "type": type(failure).__name__}})
+            self._send_json(
+                503,
+                {
+                    "error": {
+                        "message": f"the model could not be loaded: {failure}",
+                        "type": type(failure).__name__,
+                    }
+                },
+            )
 
         def handle_completion(self, request, stop_words):
             try:

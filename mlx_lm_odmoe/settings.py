@@ -64,8 +64,13 @@ class Settings:
     drop_page_cache: bool = field(default=False, metadata=_env("drop_page_cache"))
 
     @classmethod
-    def build(cls, config_section: Optional[Mapping] = None, overrides: Optional[Mapping] = None,
-              environ: Optional[Mapping] = None, where: str = "config.json") -> "Settings":
+    def build(
+        cls,
+        config_section: Optional[Mapping] = None,
+        overrides: Optional[Mapping] = None,
+        environ: Optional[Mapping] = None,
+        where: str = "config.json",
+    ) -> "Settings":
         """Settings from config.json's ``odmoe`` section, the environment and
         ``load()`` overrides (e.g. ``{"expert_cache": "25%"}``)."""
         environ = os.environ if environ is None else environ
@@ -119,7 +124,9 @@ def _check_environment(environ: Mapping):
         if var.startswith(ENV_PREFIX) and var not in ENV_VARS:
             close = difflib.get_close_matches(var, ENV_VARS, n=1)
             hint = f" Did you mean ${close[0]}?" if close else ""
-            raise SettingsError(f"unknown environment variable ${var}.{hint} odmoe reads: {', '.join(ENV_VARS)}")
+            raise SettingsError(
+                f"unknown environment variable ${var}.{hint} odmoe reads: {', '.join(ENV_VARS)}"
+            )
 
 
 def _check_key(key: str, value, source: str):

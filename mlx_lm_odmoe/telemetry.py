@@ -41,7 +41,9 @@ def show_summaries():
 
 class Telemetry:
     def __init__(self, moe_layers: List[int], num_experts: int, log_interval_s: float = None):
-        self.log_interval_s = log_interval_s or 0.0  # seconds; the runtime passes settings.log_interval
+        self.log_interval_s = (
+            log_interval_s or 0.0
+        )  # seconds; the runtime passes settings.log_interval
         self._last_log = time.monotonic()
         if log_interval_s:
             show_summaries()
@@ -185,8 +187,10 @@ class Telemetry:
         rate = f"{h / (h + m):.3f}" if h + m else "n/a"
         p50 = f"{np.percentile(lat, 50) * 1e3:.2f}" if lat is not None else "n/a"
         p99 = f"{np.percentile(lat, 99) * 1e3:.2f}" if lat is not None else "n/a"
-        return (f"experts: hit rate {rate} ({h} hits, {m} misses), "
-                f"{read / 1e6:.1f} MB read, fetch p50 {p50} ms p99 {p99} ms")
+        return (
+            f"experts: hit rate {rate} ({h} hits, {m} misses), "
+            f"{read / 1e6:.1f} MB read, fetch p50 {p50} ms p99 {p99} ms"
+        )
 
     def snapshot(self, wait_s: float = 1.0) -> Dict:
         """Every counter. From a thread other than the computing one, parked
@@ -218,9 +222,15 @@ class Telemetry:
                 "prefetched_bytes": int(self.prefetched_bytes),
                 "prefetch_hits": int(self.prefetch_hits),
                 "wasted_bytes": int(self.wasted_bytes),
-                "predictor_recall": self.recall_hits / self.recall_total if self.recall_total else None,
-                "fetch_latency_p50_ms": float(np.percentile(lat, 50) * 1e3) if lat is not None else None,
-                "fetch_latency_p99_ms": float(np.percentile(lat, 99) * 1e3) if lat is not None else None,
+                "predictor_recall": self.recall_hits / self.recall_total
+                if self.recall_total
+                else None,
+                "fetch_latency_p50_ms": float(np.percentile(lat, 50) * 1e3)
+                if lat is not None
+                else None,
+                "fetch_latency_p99_ms": float(np.percentile(lat, 99) * 1e3)
+                if lat is not None
+                else None,
                 "fetch_latency_histogram_us": {
                     "edges": LATENCY_EDGES_US,
                     "counts": self.latency_hist.tolist(),
@@ -242,6 +252,7 @@ def load_balance_coefficient(counts: np.ndarray):
 
 
 # -- what mlx_lm_odmoe.stats(model) returns ----------------------------------
+
 
 @dataclass(frozen=True)
 class LayerStats:

@@ -26,10 +26,22 @@ prompt = tok.encode("def distributed(x):\n    return")
 logits = model(mx.array([prompt]))[0, -1]
 mx.eval(logits)  # every rank evaluates collectives in the same order
 no_eos = lambda tokens, l: l.at[..., list(tok.eos_token_ids)].add(-1e9)  # noqa: E731
-tokens = [r.token for r in mlx_lm.stream_generate(model, tok, prompt, max_tokens=12,
-                                                  sampler=make_sampler(0.0), logits_processors=[no_eos])]
+tokens = [
+    r.token
+    for r in mlx_lm.stream_generate(
+        model, tok, prompt, max_tokens=12, sampler=make_sampler(0.0), logits_processors=[no_eos]
+    )
+]
 stats = mlx_lm_odmoe.stats(model)
 with open(f"{out}.{group.rank()}.json", "w") as f:
-    json.dump({"rank": group.rank(), "size": group.size(), "tokens": tokens,
-               "logits": logits.tolist(), "bytes_read": stats["bytes_read"],
-               "resident_bytes": stats["resident_bytes"]}, f)
+    json.dump(
+        {
+            "rank": group.rank(),
+            "size": group.size(),
+            "tokens": tokens,
+            "logits": logits.tolist(),
+            "bytes_read": stats["bytes_read"],
+            "resident_bytes": stats["resident_bytes"],
+        },
+        f,
+    )

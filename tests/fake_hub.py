@@ -16,7 +16,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class FakeHub:
     def __init__(self, repo_id: str, folder: Path):
         self.repo_id, self.folder = repo_id, Path(folder)
-        self.files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        self.files = {
+            str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()
+        }
         self.served = []
         hub = self
 
@@ -51,14 +53,29 @@ class FakeHub:
         api = f"/api/models/{self.repo_id}/"
         resolve = f"/{self.repo_id}/resolve/"
         if path.startswith(api + "revision/"):
-            return self._json(h, {"id": self.repo_id, "sha": COMMIT, "private": False,
-                                  "siblings": [{"rfilename": f} for f in self.files]}, body)
+            return self._json(
+                h,
+                {
+                    "id": self.repo_id,
+                    "sha": COMMIT,
+                    "private": False,
+                    "siblings": [{"rfilename": f} for f in self.files],
+                },
+                body,
+            )
         if path.startswith(api + "tree/"):
-            entries = [{"type": "file", "path": f, "size": p.stat().st_size,
-                        "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for f, p in self.files.items()]
+            entries = [
+                {
+                    "type": "file",
+                    "path": f,
+                    "size": p.stat().st_size,
+                    "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                }
+                for f, p in self.files.items()
+            ]
             return self._json(h, entries, body)
         if path.startswith(resolve):
-            name = path[len(resolve):].split("/", 1)[1]
+            name = path[len(resolve) :].split("/", 1)[1]
             p = self.files.get(name)
             if p is None:
                 h.send_response(404)

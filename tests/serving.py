@@ -28,8 +28,19 @@ class Server:
         self._log = open(self.log_path, "w")
         full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         self.proc = subprocess.Popen(
-            [str(BIN / command), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            [
+                str(BIN / command),
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
         )
         self._wait_ready(ready)
 
@@ -63,8 +74,11 @@ class Server:
             return e.code, json.loads(e.read() or b"{}")
 
     def post(self, path, body):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 return r.status, json.loads(r.read())
@@ -73,14 +87,17 @@ class Server:
 
     def stream(self, path, body):
         """Server-sent events of a streaming request, as parsed JSON (and '[DONE]')."""
-        req = urllib.request.Request(self.url + path, data=json.dumps({**body, "stream": True}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps({**body, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         events = []
         with urllib.request.urlopen(req, timeout=120) as r:
             for line in r:
                 line = line.decode().strip()
                 if line.startswith("data: "):
-                    data = line[len("data: "):]
+                    data = line[len("data: ") :]
                     events.append(data if data == "[DONE]" else json.loads(data))
         return events
 

@@ -61,7 +61,9 @@ def test_corrupt_expert_bytes_fail_the_checksum(folder):
 
 
 def test_index_pointing_outside_the_folder_is_refused(folder):
-    edit_json(folder / "experts" / "index.json", lambda d: d["shards"][0].update(file="../../etc/passwd"))
+    edit_json(
+        folder / "experts" / "index.json", lambda d: d["shards"][0].update(file="../../etc/passwd")
+    )
     with pytest.raises(LayoutError, match="outside"):
         mlx_lm_odmoe.load(folder)
 
@@ -85,11 +87,14 @@ def test_missing_shard(folder):
         mlx_lm_odmoe.load(folder)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("num_experts", 16, "8 experts per layer, config says 16"),
-    ("moe_intermediate_size", 32, "gate_proj.weight is F32\\[64, 128\\], expected 32x128"),
-    ("num_hidden_layers", 2, "MoE layers"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_experts", 16, "8 experts per layer, config says 16"),
+        ("moe_intermediate_size", 32, "gate_proj.weight is F32\\[64, 128\\], expected 32x128"),
+        ("num_hidden_layers", 2, "MoE layers"),
+    ],
+)
 def test_config_and_index_disagree(folder, field, value, message):
     edit_json(folder / "config.json", lambda d: d.update({field: value}))
     with pytest.raises(LayoutError, match=message):
@@ -100,6 +105,7 @@ def test_index_disagrees_with_the_shard_header(folder):
     def swap(d):
         d["tensors"][0]["dtype"] = "F16"
         d["tensors"][0]["shape"] = [64, 256]  # same bytes, different dtype
+
     edit_json(folder / "experts" / "index.json", swap)
     with pytest.raises(LayoutError, match="does not match"):
         mlx_lm_odmoe.load(folder, expert_cache="min")
@@ -129,8 +135,9 @@ CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MLX_LM_ODM
 def command(name, *args, **env):
     """Run an installed console command as a user would, in a fresh interpreter."""
     full = {**CLEAN_ENV, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", **env}
-    return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=full)
+    return subprocess.run(
+        [str(BIN / name), *map(str, args)], capture_output=True, text=True, timeout=300, env=full
+    )
 
 
 def assert_usage_error(proc, *messages):
@@ -143,10 +150,14 @@ def assert_usage_error(proc, *messages):
 
 # Item: a model path that does not exist.
 
+
 def test_a_missing_model_folder_is_named_not_sent_to_the_hub(tmp_path):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelNotFoundError, match=re.escape(f"model folder {missing} does not exist")
-                       + r".*Hub id has the form org/name"):
+    with pytest.raises(
+        ModelNotFoundError,
+        match=re.escape(f"model folder {missing} does not exist")
+        + r".*Hub id has the form org/name",
+    ):
         mlx_lm_odmoe.load(missing)
     assert issubclass(ModelNotFoundError, FileNotFoundError)
 
@@ -169,15 +180,22 @@ def test_a_hub_id_still_goes_to_the_hub(models, tmp_path):
     from fake_hub import FakeHub
 
     hub = FakeHub("odmoe-test/tiny", models("qwen2_moe", "odmoe"))
-    code = ("import json\nfrom mlx_lm_odmoe.loading import resolve_model_path\n"
-            "fetched = str(resolve_model_path('odmoe-test/tiny'))\n"
-            "try:\n    resolve_model_path('odmoe-test/not-there')\n"
-            "except FileNotFoundError as e:\n    print(json.dumps([fetched, str(e)]))\n")
-    env = {**CLEAN_ENV, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hf"),
-           "HF_HUB_DISABLE_XET": "1"}
+    code = (
+        "import json\nfrom mlx_lm_odmoe.loading import resolve_model_path\n"
+        "fetched = str(resolve_model_path('odmoe-test/tiny'))\n"
+        "try:\n    resolve_model_path('odmoe-test/not-there')\n"
+        "except FileNotFoundError as e:\n    print(json.dumps([fetched, str(e)]))\n"
+    )
+    env = {
+        **CLEAN_ENV,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "HF_HUB_DISABLE_XET": "1",
+    }
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=300, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
     finally:
         hub.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -188,17 +206,30 @@ def test_a_hub_id_still_goes_to_the_hub(models, tmp_path):
 
 # Item: too few held-out tokens for collect.
 
+
 def test_collect_with_too_few_heldout_tokens_names_the_options_and_numbers(tmp_path):
     np.save(tmp_path / "tokens.npy", np.arange(6000))
-    proc = command("mlx_lm_odmoe.collect", SHIPPED, "--out", tmp_path / "t.npz",
-                   "--heldout", tmp_path / "tokens.npy")
-    assert_usage_error(proc, "has 6000 tokens",
-                       "--chunks 32 + --generate 16 = 48 pieces of 256 tokens", "12288 needed",
-                       "--chunks + --generate to at most 23", "--chunk-len to at most 125")
+    proc = command(
+        "mlx_lm_odmoe.collect",
+        SHIPPED,
+        "--out",
+        tmp_path / "t.npz",
+        "--heldout",
+        tmp_path / "tokens.npy",
+    )
+    assert_usage_error(
+        proc,
+        "has 6000 tokens",
+        "--chunks 32 + --generate 16 = 48 pieces of 256 tokens",
+        "12288 needed",
+        "--chunks + --generate to at most 23",
+        "--chunk-len to at most 125",
+    )
     assert not (tmp_path / "t.npz").exists()
 
 
 # Item: train_shadow's output folder.
+
 
 @pytest.fixture(scope="module")
 def shipped_copy_and_trace(tmp_path_factory):
@@ -210,8 +241,17 @@ def shipped_copy_and_trace(tmp_path_factory):
     shutil.copytree(SHIPPED, folder)
     model, _ = mlx_lm_odmoe.load(folder, expert_cache="100%")
     heldout = np.random.default_rng(0).integers(0, 4096, 2000)
-    trace = collect(model, heldout, chunks=12, chunk_len=16, generate=4, prompt_len=8, max_tokens=8,
-                    batch=4, progress=False)
+    trace = collect(
+        model,
+        heldout,
+        chunks=12,
+        chunk_len=16,
+        generate=4,
+        prompt_len=8,
+        max_tokens=8,
+        batch=4,
+        progress=False,
+    )
     trace.save(root / "trace.npz")
     return folder, root / "trace.npz"
 
@@ -222,14 +262,16 @@ TRAIN_FAST = ("--epochs", "1", "--rank", "8", "--distance", "1")
 def test_train_shadow_creates_a_missing_out_folder(shipped_copy_and_trace, tmp_path):
     folder, trace = shipped_copy_and_trace
     out = tmp_path / "new" / "dir"
-    proc = command("mlx_lm_odmoe.train_shadow", folder, "--traces", trace, "--out", out,
-                   *TRAIN_FAST)
+    proc = command(
+        "mlx_lm_odmoe.train_shadow", folder, "--traces", trace, "--out", out, *TRAIN_FAST
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "shadow.json").is_file() and (out / "shadow.safetensors").is_file()
 
 
 def test_train_shadow_replaces_a_shipped_shadow_model_only_with_force_and_keeps_a_backup(
-        shipped_copy_and_trace):
+    shipped_copy_and_trace,
+):
     folder, trace = shipped_copy_and_trace
     old = {n: (folder / n).read_bytes() for n in ("shadow.json", "shadow.safetensors")}
     proc = command("mlx_lm_odmoe.train_shadow", folder, "--traces", trace, *TRAIN_FAST)
@@ -245,26 +287,37 @@ def test_train_shadow_replaces_a_shipped_shadow_model_only_with_force_and_keeps_
 # Item: the expert cache budget names where a bad value came from.
 
 BUDGET_SOURCES = {
-    "environment": (lambda v: Settings.build({}, environ={"MLX_LM_ODMOE_EXPERT_CACHE": v}),
-                    r"\$MLX_LM_ODMOE_EXPERT_CACHE is "),
-    "config.json": (lambda v: Settings.build({"expert_cache": v}, environ={}),
-                    r"config.json's odmoe.expert_cache is "),
-    "argument": (lambda v: Settings.build({}, {"expert_cache": v}, environ={}),
-                 r"the expert_cache= argument is "),
+    "environment": (
+        lambda v: Settings.build({}, environ={"MLX_LM_ODMOE_EXPERT_CACHE": v}),
+        r"\$MLX_LM_ODMOE_EXPERT_CACHE is ",
+    ),
+    "config.json": (
+        lambda v: Settings.build({"expert_cache": v}, environ={}),
+        r"config.json's odmoe.expert_cache is ",
+    ),
+    "argument": (
+        lambda v: Settings.build({}, {"expert_cache": v}, environ={}),
+        r"the expert_cache= argument is ",
+    ),
 }
 
 
 @pytest.mark.parametrize("source", BUDGET_SOURCES)
-@pytest.mark.parametrize("value,problem", [
-    ("150%", "more than all the experts"),
-    ("lots", "not a budget odmoe can read"),
-    ("0GB", "a budget must be positive"),
-    ("0%", "a budget must be positive"),
-])
+@pytest.mark.parametrize(
+    "value,problem",
+    [
+        ("150%", "more than all the experts"),
+        ("lots", "not a budget odmoe can read"),
+        ("0GB", "a budget must be positive"),
+        ("0%", "a budget must be positive"),
+    ],
+)
 def test_a_bad_budget_names_its_source_and_the_accepted_forms(source, value, problem):
     build, named = BUDGET_SOURCES[source]
-    with pytest.raises(BudgetError, match=named + re.escape(f"{value!r}: {problem}") + ".*"
-                       + re.escape(BUDGET_FORMS)):
+    with pytest.raises(
+        BudgetError,
+        match=named + re.escape(f"{value!r}: {problem}") + ".*" + re.escape(BUDGET_FORMS),
+    ):
         build(value)
 
 
@@ -280,23 +333,45 @@ def test_a_bad_budget_in_config_json_fails_the_load_naming_it(folder):
 
 
 def test_mlx_lm_generate_ends_with_the_budget_message(tmp_path):
-    proc = command("mlx_lm.generate", "--model", SHIPPED, "--prompt", "def f", "--max-tokens", "2",
-                   MLX_LM_ODMOE_EXPERT_CACHE="150%")
+    proc = command(
+        "mlx_lm.generate",
+        "--model",
+        SHIPPED,
+        "--prompt",
+        "def f",
+        "--max-tokens",
+        "2",
+        MLX_LM_ODMOE_EXPERT_CACHE="150%",
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "$MLX_LM_ODMOE_EXPERT_CACHE is '150%': more than all" in last, proc.stderr[-3000:]
 
 
 def test_our_commands_print_the_budget_message_without_a_traceback(tmp_path):
-    proc = command("mlx_lm_odmoe.collect", SHIPPED, "--out", tmp_path / "t.npz",
-                   MLX_LM_ODMOE_EXPERT_CACHE="lots")
+    proc = command(
+        "mlx_lm_odmoe.collect",
+        SHIPPED,
+        "--out",
+        tmp_path / "t.npz",
+        MLX_LM_ODMOE_EXPERT_CACHE="lots",
+    )
     assert_usage_error(proc, "$MLX_LM_ODMOE_EXPERT_CACHE is 'lots'", BUDGET_FORMS)
 
 
 # Item: the log interval under a command that configures no logging.
 
+
 def test_log_interval_summaries_appear_under_mlx_lm_generate():
-    proc = command("mlx_lm.generate", "--model", SHIPPED, "--prompt", "def f", "--max-tokens", "16",
-                   MLX_LM_ODMOE_LOG_INTERVAL="0.000001")
+    proc = command(
+        "mlx_lm.generate",
+        "--model",
+        SHIPPED,
+        "--prompt",
+        "def f",
+        "--max-tokens",
+        "16",
+        MLX_LM_ODMOE_LOG_INTERVAL="0.000001",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[mlx_lm_odmoe] experts: hit rate 1.000" in proc.stderr, proc.stderr[-3000:]

@@ -27,8 +27,19 @@ def synth(tmp_path_factory):
     """A tiny-preset model from large_synthetic, plus its stock and GGUF copies."""
     root = tmp_path_factory.mktemp("synth")
     model = root / "model"
-    large_synthetic.main(["--preset", large_synthetic.TINY_PRESET, "--out", str(model), "--no-progress",
-                          "--stock", str(root / "stock"), "--gguf", str(root / "model.gguf")])
+    large_synthetic.main(
+        [
+            "--preset",
+            large_synthetic.TINY_PRESET,
+            "--out",
+            str(model),
+            "--no-progress",
+            "--stock",
+            str(root / "stock"),
+            "--gguf",
+            str(root / "model.gguf"),
+        ]
+    )
     return root
 
 
@@ -65,7 +76,12 @@ def test_large_synthetic_copies_hold_the_same_weights(synth):
 
 def test_bench_quick_writes_table_and_plot(synth, tmp_path):
     out = tmp_path / "bench"
-    assert bench.main(["--model", str(synth / "model"), "--quick", "--budgets", "100%,50%", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            ["--model", str(synth / "model"), "--quick", "--budgets", "100%,50%", "--out", str(out)]
+        )
+        == 0
+    )
     table = (out / "results.md").read_text()
     for name in ("resident (MemoryStore)", "odmoe@100%", "odmoe@50%", "decode tok/s", "hit rate"):
         assert name in table
@@ -88,20 +104,54 @@ def test_bench_quick_writes_table_and_plot(synth, tmp_path):
 
 
 def test_bench_plot_draws_baselines_apart_from_the_odmoe_curve():
-    rows = [{"name": "stock mlx-lm", "kind": "stock", "residency": 1.0, "decode_tok_s": 90.0, "hit_rate": 1.0},
-            {"name": "odmoe@100%", "kind": "odmoe", "residency": 1.0, "decode_tok_s": 80.0, "hit_rate": 1.0},
-            {"name": "odmoe@25%", "kind": "odmoe", "residency": 0.25, "decode_tok_s": 20.0, "hit_rate": 0.4},
-            {"name": "llama.cpp (mmap)", "kind": "llamacpp", "decode_tok_s": 50.0}]
+    rows = [
+        {
+            "name": "stock mlx-lm",
+            "kind": "stock",
+            "residency": 1.0,
+            "decode_tok_s": 90.0,
+            "hit_rate": 1.0,
+        },
+        {
+            "name": "odmoe@100%",
+            "kind": "odmoe",
+            "residency": 1.0,
+            "decode_tok_s": 80.0,
+            "hit_rate": 1.0,
+        },
+        {
+            "name": "odmoe@25%",
+            "kind": "odmoe",
+            "residency": 0.25,
+            "decode_tok_s": 20.0,
+            "hit_rate": 0.4,
+        },
+        {"name": "llama.cpp (mmap)", "kind": "llamacpp", "decode_tok_s": 50.0},
+    ]
     series = bench.plot_series(rows)
     assert series["odmoe"] == [(25.0, 20.0, 0.4), (100.0, 80.0, 1.0)]
     assert series["references"] == [("stock mlx-lm", 90.0), ("llama.cpp (mmap)", 50.0)]
 
 
 def test_bench_spread_note_reports_the_spread_between_repetitions():
-    rows = [{"name": "odmoe@50%", "decode_tok_s": 40.0, "decode_tok_s_min": 30.0, "decode_tok_s_max": 50.0},
-            {"name": "odmoe@100%", "decode_tok_s": 80.0, "decode_tok_s_min": 78.0, "decode_tok_s_max": 82.0}]
-    assert bench.spread_note(rows, 3) == ("Decode tok/s varied by up to 50% of the median between repetitions "
-                                          "(odmoe@50%: 30.00 to 50.00 tok/s).")
+    rows = [
+        {
+            "name": "odmoe@50%",
+            "decode_tok_s": 40.0,
+            "decode_tok_s_min": 30.0,
+            "decode_tok_s_max": 50.0,
+        },
+        {
+            "name": "odmoe@100%",
+            "decode_tok_s": 80.0,
+            "decode_tok_s_min": 78.0,
+            "decode_tok_s_max": 82.0,
+        },
+    ]
+    assert bench.spread_note(rows, 3) == (
+        "Decode tok/s varied by up to 50% of the median between repetitions "
+        "(odmoe@50%: 30.00 to 50.00 tok/s)."
+    )
 
 
 def test_bench_on_a_missing_folder_says_so(tmp_path):
@@ -128,14 +178,43 @@ def test_doctor_refuses_a_folder_the_loader_would_refuse(tmp_path):
 def test_doctor_on_a_model_folder(synth, capsys):
     assert doctor.main([str(synth / "model"), "--probe-mb", "8", "--memory", "8GB"]) == 0
     out = capsys.readouterr().out
-    for line in ("resident weights", "routed experts", "KV cache", "expert budget", "expected decode"):
+    for line in (
+        "resident weights",
+        "routed experts",
+        "KV cache",
+        "expert budget",
+        "expected decode",
+        "how far to trust it   measured decode was",
+    ):
         assert line in out
 
 
 def test_doctor_forecasts_kimi_from_its_config(capsys):
-    args = ["--config", str(DATA / "kimi-k2.5.config.json"), "--memory", "64GB",
-            "--disk-gbps", "2", "--compute-gbps", "100", "--json"]
+    args = [
+        "--config",
+        str(DATA / "kimi-k2.5.config.json"),
+        "--memory",
+        "64GB",
+        "--disk-gbps",
+        "2",
+        "--compute-gbps",
+        "100",
+        "--json",
+    ]
     assert doctor.main(args) == 0
     f = json.loads(capsys.readouterr().out)["forecast"]
     assert f["expert_bytes"] > 400e9 and not f["fits_entirely"] and f["runs"]
     assert 0 < f["residency"] < 0.2 and f["tok_s"] > 0
+
+
+def test_moe_vs_dense_benchmark_writes_its_table_and_plot(tmp_path):
+    script = SHIPPED.parent / "benchmarks" / "moe_vs_dense.py"
+    args = ["--shapes", "tiny-qwen2-moe", "--reps", "1", "--prefill", "4", "--out", tmp_path]
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "results.md").read_text()
+    for layer in ("| moe |", "| dense-total |", "| dense-active |"):
+        assert layer in table
+    assert (tmp_path / "moe_vs_dense.png").stat().st_size > 0

@@ -108,7 +108,9 @@ def test_the_shared_expert_starts_early_and_is_computed_once(models, kind):
     assert not any(".start" in k or "_early" in k for k, _ in tree_flatten(model.parameters()))
     base = type(shared[0]).__mro__[2]
     calls, original = [], base.__call__
-    base.__call__ = lambda self, x: calls.append(any(self is s for s in shared)) or original(self, x)
+    base.__call__ = lambda self, x: (
+        calls.append(any(self is s for s in shared)) or original(self, x)
+    )
     try:
         mx.eval(model(mx.array([[1, 2, 3]])))
     finally:

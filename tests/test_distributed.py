@@ -13,20 +13,31 @@ import pytest
 
 HERE = Path(__file__).parent
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
-ENV = {**os.environ, "MLX_LM_ODMOE_EXPERT_CACHE": "min", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+ENV = {
+    **os.environ,
+    "MLX_LM_ODMOE_EXPERT_CACHE": "min",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONWARNINGS": "ignore",
+}
 
 
 def ring_unavailable():
     if not LAUNCH.exists():
         return f"{LAUNCH} not found"
-    probe = subprocess.run([sys.executable, "-c", "import mlx.core as mx; print(mx.distributed.is_available())"],
-                           capture_output=True, text=True, env=ENV)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import mlx.core as mx; print(mx.distributed.is_available())"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     if probe.stdout.strip() != "True":
         return "mx.distributed is not available in this MLX build"
     return None
 
 
-pytestmark = pytest.mark.skipif(ring_unavailable() is not None, reason=f"ring backend unavailable: {ring_unavailable()}")
+pytestmark = pytest.mark.skipif(
+    ring_unavailable() is not None, reason=f"ring backend unavailable: {ring_unavailable()}"
+)
 
 
 def run(model, mode, out):
@@ -34,7 +45,19 @@ def run(model, mode, out):
     if mode == "single":
         cmd = [sys.executable, worker, str(model), mode, str(out)]
     else:
-        cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "--python", sys.executable, worker, str(model), mode, str(out)]
+        cmd = [
+            str(LAUNCH),
+            "--backend",
+            "ring",
+            "-n",
+            "2",
+            "--python",
+            sys.executable,
+            worker,
+            str(model),
+            mode,
+            str(out),
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV)
     ranks = 1 if mode == "single" else 2
     done = all(Path(f"{out}.{r}.json").exists() for r in range(ranks))
@@ -45,7 +68,10 @@ def run(model, mode, out):
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    return {kind: run(models(kind, "odmoe"), "single", tmp / kind)[0] for kind in ("qwen2_moe", "kimi_k2")}
+    return {
+        kind: run(models(kind, "odmoe"), "single", tmp / kind)[0]
+        for kind in ("qwen2_moe", "kimi_k2")
+    }
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "kimi_k2"])
@@ -55,7 +81,9 @@ def test_tensor_parallel(models, single, tmp_path, kind):
     for r in ranks:
         assert r["tokens"] == one["tokens"]
         np.testing.assert_allclose(r["logits"], one["logits"], atol=1e-4, rtol=1e-4)
-        assert 0.45 < r["bytes_read"] / one["bytes_read"] < 0.55  # each rank reads half of each expert
+        assert (
+            0.45 < r["bytes_read"] / one["bytes_read"] < 0.55
+        )  # each rank reads half of each expert
         assert r["resident_bytes"] * 2 == one["resident_bytes"]
 
 

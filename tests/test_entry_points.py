@@ -33,22 +33,50 @@ def console(name):
 
 
 def test_interpreter_start_registers_types_without_importing_mlx():
-    out = run([sys.executable, "-c",
-               "import sys; print('mlx' in sys.modules, "
-               "any(type(f).__name__ == 'OdmoeModelFinder' for f in sys.meta_path))"])
+    out = run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; print('mlx' in sys.modules, "
+            "any(type(f).__name__ == 'OdmoeModelFinder' for f in sys.meta_path))",
+        ]
+    )
     assert out.split() == ["False", "True"]
 
 
 @pytest.mark.parametrize("kind", ["qwen2_moe", "kimi_k2"])
 def test_mlx_lm_generate_cli(models, kind):
-    out = run([console("mlx_lm.generate"), "--model", str(models(kind, "odmoe")),
-               "--prompt", "def hello", "--max-tokens", "8", "--temp", "0"])
+    out = run(
+        [
+            console("mlx_lm.generate"),
+            "--model",
+            str(models(kind, "odmoe")),
+            "--prompt",
+            "def hello",
+            "--max-tokens",
+            "8",
+            "--temp",
+            "0",
+        ]
+    )
     assert "Generation:" in out and "tokens-per-sec" in out
 
 
 def test_python_dash_m_mlx_lm_generate(models):
-    out = run([sys.executable, "-m", "mlx_lm", "generate", "--model", str(models("qwen2_moe", "odmoe_q4")),
-               "--prompt", "def hello", "--max-tokens", "8"])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "generate",
+            "--model",
+            str(models("qwen2_moe", "odmoe_q4")),
+            "--prompt",
+            "def hello",
+            "--max-tokens",
+            "8",
+        ]
+    )
     assert "Generation:" in out
 
 
@@ -74,17 +102,29 @@ def test_mlx_lm_server_serves_a_completion(models, tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [console("mlx_lm.server"), "--model", str(models("qwen2_moe", "odmoe")),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**ENV, "MLX_LM_ODMOE_EXPERT_CACHE": "50%"},
+        [
+            console("mlx_lm.server"),
+            "--model",
+            str(models("qwen2_moe", "odmoe")),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**ENV, "MLX_LM_ODMOE_EXPERT_CACHE": "50%"},
     )
     try:
         body = json.dumps({"prompt": "def hello", "max_tokens": 8, "temperature": 0}).encode()
         deadline = time.time() + 180
         while True:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
                 break
             except (ConnectionError, urllib.error.URLError):

@@ -47,7 +47,12 @@ def test_logits_bit_identical_to_stock(models, stock, kind, precision, budget):
 def test_converted_from_mlx_checkpoint_matches_stock(models, stock, kind):
     model, _ = mlx_lm_odmoe.load(models(kind, "odmoe_from_stock_q4"), expert_cache="50%")
     prompt = prompt_tokens(40, seed=3)
-    assert max_abs_diff(prefill_and_decode(stock(kind, "q4"), prompt), prefill_and_decode(model, prompt)) == 0.0
+    assert (
+        max_abs_diff(
+            prefill_and_decode(stock(kind, "q4"), prompt), prefill_and_decode(model, prompt)
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -57,7 +62,12 @@ def test_stock_checkpoint_read_in_place_matches_stock(models, stock, kind):
     model, _ = mlx_lm_odmoe.load(models(kind, "stock_q4"), expert_cache="min")
     assert type(model).__module__.endswith("_odmoe")
     prompt = prompt_tokens(40, seed=4)
-    assert max_abs_diff(prefill_and_decode(stock(kind, "q4"), prompt), prefill_and_decode(model, prompt)) == 0.0
+    assert (
+        max_abs_diff(
+            prefill_and_decode(stock(kind, "q4"), prompt), prefill_and_decode(model, prompt)
+        )
+        == 0.0
+    )
     assert mlx_lm_odmoe.stats(model)["misses"] > 0
 
 
@@ -74,4 +84,9 @@ def test_stock_mlx_lm_load_uses_config_budget(models, stock, tmp_path):
     model, _ = mlx_lm.load(str(folder))
     assert mlx_lm_odmoe.stats(model)["slots_per_layer"] == 2
     prompt = prompt_tokens(30, seed=5)
-    assert max_abs_diff(prefill_and_decode(stock("qwen2_moe", "f32"), prompt), prefill_and_decode(model, prompt)) == 0.0
+    assert (
+        max_abs_diff(
+            prefill_and_decode(stock("qwen2_moe", "f32"), prompt), prefill_and_decode(model, prompt)
+        )
+        == 0.0
+    )

@@ -28,9 +28,22 @@ def hub(models):
 
 
 def run(hub_url, cache, tokens, **env):
-    full = {**os.environ, "HF_ENDPOINT": hub_url, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_XET": "1",
-            "MLX_LM_ODMOE_EXPERT_CACHE": "min", "TOKENIZERS_PARALLELISM": "false", **env}
-    proc = subprocess.run([sys.executable, "-c", RUN, str(tokens)], env=full, capture_output=True, text=True, timeout=300)
+    full = {
+        **os.environ,
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_DISABLE_XET": "1",
+        "MLX_LM_ODMOE_EXPERT_CACHE": "min",
+        "TOKENIZERS_PARALLELISM": "false",
+        **env,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, str(tokens)],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

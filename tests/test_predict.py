@@ -35,8 +35,17 @@ def traced(models, tmp_path_factory):
             folder = models(kind, "odmoe")
             model, _ = mlx_lm_odmoe.load(folder, expert_cache="100%")
             heldout = np.random.default_rng(0).integers(0, 300, 4000)
-            trace = collect(model, heldout, chunks=8, chunk_len=24, generate=8, prompt_len=8,
-                            max_tokens=16, batch=4, progress=False)
+            trace = collect(
+                model,
+                heldout,
+                chunks=8,
+                chunk_len=24,
+                generate=8,
+                prompt_len=8,
+                max_tokens=16,
+                batch=4,
+                progress=False,
+            )
             path = tmp_path_factory.mktemp("traces") / f"{kind}.npz"
             trace.source = str(folder)
             trace.save(path)
@@ -76,7 +85,9 @@ def test_trace_rows_line_up_with_a_fresh_forward(traced, kind):
             mx.eval(model(mx.array(trace.tokens[start:stop])[None]))
             for row, l in enumerate(layers):
                 x, ids = seen[l]
-                np.testing.assert_allclose(np.array(x[0]), trace.hidden[row, start:stop], atol=2e-2, rtol=2e-2)
+                np.testing.assert_allclose(
+                    np.array(x[0]), trace.hidden[row, start:stop], atol=2e-2, rtol=2e-2
+                )
                 same = np.sort(np.array(ids[0]), -1) == np.sort(trace.topk[row, start:stop], -1)
                 assert same.all(-1).mean() > 0.9  # cached decode vs one pass: near-ties may flip
     finally:
@@ -91,7 +102,10 @@ def test_router_lookahead_at_distance_zero_is_the_router(traced, kind):
     def check(layer, x, indices):
         x = x.reshape(-1, x.shape[-1])
         k = indices.shape[-1]
-        mine = np.sort(np.array(mx.argpartition(-router_scores(model, layer, x), kth=k - 1, axis=-1)[:, :k]), -1)
+        mine = np.sort(
+            np.array(mx.argpartition(-router_scores(model, layer, x), kth=k - 1, axis=-1)[:, :k]),
+            -1,
+        )
         agree.append((mine == np.sort(np.array(indices).reshape(-1, k), -1)).all())
 
     model.expert_runtime.observers.append(check)
@@ -161,7 +175,7 @@ def test_host_and_device_shadow_steps_guess_alike(traced, kind, tmp_path):
     save_shadow(net, tmp_path)
     shadow = load_predictor(model, tmp_path)
     assert shadow.on_host
-    layers, k = trace.moe_layers, trace.top_k
+    layers = trace.moe_layers
     for floor in (0.0, 0.05):
         shadow.reset()
         for row in range(3):  # consecutive tokens: the second and third use the state
@@ -171,7 +185,11 @@ def test_host_and_device_shadow_steps_guess_alike(traced, kind, tmp_path):
                 host = shadow.host_guesses(l, x, ids, 1, floor)
                 assert list(dev) == list(host)
                 for t in dev:
-                    assert (np.sort(np.array(dev[t]), -1) == np.sort(host[t], -1)).all(), (floor, row, l)
+                    assert (np.sort(np.array(dev[t]), -1) == np.sort(host[t], -1)).all(), (
+                        floor,
+                        row,
+                        l,
+                    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,8 +198,12 @@ def test_every_predictor_scores_the_later_layers(traced, kind, tmp_path):
     layers, E = trace.moe_layers, trace.num_experts
     net, _ = train(model, trace, distance=2, rank=8, epochs=1, batch=32, log=lambda *a: None)
     save_shadow(net, tmp_path)
-    predictors = [RouterLookahead(model, layers, 2), PreviousToken(layers, E, 2),
-                  MostFrequent.fit(trace, 2), load_predictor(model, tmp_path)]
+    predictors = [
+        RouterLookahead(model, layers, 2),
+        PreviousToken(layers, E, 2),
+        MostFrequent.fit(trace, 2),
+        load_predictor(model, tmp_path),
+    ]
     for p in predictors:
         assert isinstance(p, ExpertPredictor)
         for step in range(2):  # the second pass sees the first's state
@@ -236,7 +258,18 @@ def test_evaluation_prints_a_table_json_and_a_plot(traced, tmp_path, capsys):
     main([str(folder), "--traces", str(path), "--distance", "2"])
     table = capsys.readouterr().out
     assert "| router-lookahead |" in table and "d=2 @2k" in table
-    main([str(folder), "--traces", str(path), "--distance", "2", "--json", "--plot", str(tmp_path / "r.png")])
+    main(
+        [
+            str(folder),
+            "--traces",
+            str(path),
+            "--distance",
+            "2",
+            "--json",
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     names = set(report["predictors"])
     assert {"router-lookahead", "previous-token", "most-frequent"} <= names
@@ -249,7 +282,9 @@ def test_evaluation_prints_a_table_json_and_a_plot(traced, tmp_path, capsys):
 @pytest.mark.parametrize("policy", [LRUPolicy, lambda: LFUDecayPolicy(0.9), lambda: LRUKPolicy(2)])
 def test_simulator_matches_the_real_store(models, policy):
     """Same requests, same policy: the simulator's counts are the store's."""
-    store = CachedStore(ShardedFolderReader(models("qwen2_moe", "odmoe")), slots_per_layer=3, policy=policy())
+    store = CachedStore(
+        ShardedFolderReader(models("qwen2_moe", "odmoe")), slots_per_layer=3, policy=policy()
+    )
     layers = store.layout.moe_layers
     sim = SimCache({l: 3 for l in layers}, policy())
     rng = np.random.default_rng(0)

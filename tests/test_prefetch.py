@@ -19,7 +19,11 @@ class SameAsThisLayer(ExpertPredictor):
         self.moe_layers, self.E = moe_layers, num_experts
 
     def predict(self, layer, hidden, topk):
-        onehot = mx.zeros((hidden.shape[0], self.E)).at[mx.arange(hidden.shape[0])[:, None], topk].add(1.0)
+        onehot = (
+            mx.zeros((hidden.shape[0], self.E))
+            .at[mx.arange(hidden.shape[0])[:, None], topk]
+            .add(1.0)
+        )
         return {l: onehot for l in later_layers(self.moe_layers, layer, self.distance)}
 
 
@@ -54,7 +58,12 @@ def test_prefetch_keeps_outputs_bit_identical(models):
     layout = model.expert_runtime.store.layout
     attach(model, SameAsThisLayer(layout.moe_layers, layout.num_experts))
     prompt = prompt_tokens(20, seed=9)
-    assert max_abs_diff(prefill_and_decode(stock, prompt, steps=8), prefill_and_decode(model, prompt, steps=8)) == 0.0
+    assert (
+        max_abs_diff(
+            prefill_and_decode(stock, prompt, steps=8), prefill_and_decode(model, prompt, steps=8)
+        )
+        == 0.0
+    )
     s = mlx_lm_odmoe.stats(model)
     assert s["prefetched_bytes"] > 0 and s["predictor_recall"] is not None
 
@@ -67,7 +76,11 @@ def test_a_perfect_predictor_turns_misses_into_hits(models):
     plain, _ = mlx_lm_odmoe.load(folder, expert_cache="min")
     routes = {}
     plain.expert_runtime.observers.append(
-        lambda layer, x, idx: routes.setdefault(layer, []).append(np.unique(np.array(idx))) if x.shape[1] == 1 else None
+        lambda layer, x, idx: (
+            routes.setdefault(layer, []).append(np.unique(np.array(idx)))
+            if x.shape[1] == 1
+            else None
+        )
     )
     prefill_and_decode(plain, prompt, steps=8)
     base = mlx_lm_odmoe.stats(plain)
@@ -125,4 +138,8 @@ def test_bad_predictor_settings_are_clear_errors(models):
     with pytest.raises(ValueError, match="predictor.*'sometimes'.*auto, on, off"):
         load_shipped(predictor="sometimes")
     with pytest.raises(FileNotFoundError, match="no shadow.safetensors.*train_shadow"):
-        mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min", model_config={"odmoe": {"predictor": "on"}})
+        mlx_lm_odmoe.load(
+            models("qwen2_moe", "odmoe"),
+            expert_cache="min",
+            model_config={"odmoe": {"predictor": "on"}},
+        )

@@ -12,15 +12,24 @@ MIN_BUDGET = {"MLX_LM_ODMOE_EXPERT_CACHE": "min"}
 
 @pytest.fixture(scope="module")
 def stock_server(models, tmp_path_factory):
-    s = Server("mlx_lm.server", models("qwen2_moe", "odmoe"), tmp_path_factory.mktemp("srv") / "log", env=MIN_BUDGET)
+    s = Server(
+        "mlx_lm.server",
+        models("qwen2_moe", "odmoe"),
+        tmp_path_factory.mktemp("srv") / "log",
+        env=MIN_BUDGET,
+    )
     yield s
     s.stop()
 
 
 def test_completions_plain_and_streamed(stock_server):
-    status, reply = stock_server.post("/v1/completions", {"prompt": "def hello", "max_tokens": 6, "temperature": 0})
+    status, reply = stock_server.post(
+        "/v1/completions", {"prompt": "def hello", "max_tokens": 6, "temperature": 0}
+    )
     assert status == 200 and reply["usage"]["completion_tokens"] > 0
-    events = stock_server.stream("/v1/completions", {"prompt": "def hello", "max_tokens": 6, "temperature": 0})
+    events = stock_server.stream(
+        "/v1/completions", {"prompt": "def hello", "max_tokens": 6, "temperature": 0}
+    )
     assert events[-1] == "[DONE]"
     text = "".join(e["choices"][0].get("text", "") for e in events[:-1])
     assert text == reply["choices"][0]["text"]  # greedy: same tokens either way
@@ -28,10 +37,14 @@ def test_completions_plain_and_streamed(stock_server):
 
 def test_chat_turns_reuse_the_prompt_cache(stock_server):
     messages = [{"role": "user", "content": "def hello(world):"}]
-    status, first = stock_server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})
+    status, first = stock_server.post(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0}
+    )
     assert status == 200
     messages += [first["choices"][0]["message"], {"role": "user", "content": "and again"}]
-    status, second = stock_server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0})
+    status, second = stock_server.post(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 6, "temperature": 0}
+    )
     assert status == 200
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
@@ -40,7 +53,11 @@ def test_concurrent_clients(stock_server):
     results = []
 
     def ask(i):
-        results.append(stock_server.post("/v1/completions", {"prompt": f"x = {i}", "max_tokens": 5, "temperature": 0}))
+        results.append(
+            stock_server.post(
+                "/v1/completions", {"prompt": f"x = {i}", "max_tokens": 5, "temperature": 0}
+            )
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
     for t in threads:
@@ -65,30 +82,50 @@ def test_expert_stats_over_http(odmoe_server):
     assert status == 200
     status, stats = odmoe_server.get("/v1/experts/stats")
     assert status == 200
-    for key in ("budget_bytes", "resident_bytes", "hits", "misses", "bytes_read",
-                "fetch_latency_p50_ms", "fetch_latency_p99_ms", "per_layer"):
+    for key in (
+        "budget_bytes",
+        "resident_bytes",
+        "hits",
+        "misses",
+        "bytes_read",
+        "fetch_latency_p50_ms",
+        "fetch_latency_p99_ms",
+        "per_layer",
+    ):
         assert key in stats
     assert stats["misses"] > 0 and stats["bytes_read"] > 0
     assert stats["per_layer"]["0"]["hit_rate"] is not None
     status, health = odmoe_server.get("/health")
-    assert status == 200 and health["status"] == "ok" and health["experts"]["misses"] >= stats["misses"]
+    assert (
+        status == 200
+        and health["status"] == "ok"
+        and health["experts"]["misses"] >= stats["misses"]
+    )
 
 
 def test_a_read_error_fails_one_request_and_the_server_keeps_serving(odmoe_server):
     shard = next((odmoe_server.folder / "experts").glob("experts-*.safetensors"))
     good = shard.read_bytes()
-    odmoe_server.post("/v1/completions", {"prompt": "warm", "max_tokens": 2})  # shard opened and checked
+    odmoe_server.post(
+        "/v1/completions", {"prompt": "warm", "max_tokens": 2}
+    )  # shard opened and checked
     with open(shard, "r+b") as f:  # same inode: the open file is now short
         f.truncate(len(good) // 4)
     try:
-        status, reply = odmoe_server.post("/v1/completions", {"prompt": "def broken(x):", "max_tokens": 8})
+        status, reply = odmoe_server.post(
+            "/v1/completions", {"prompt": "def broken(x):", "max_tokens": 8}
+        )
         assert status == 500 and shard.name in reply["error"]["message"]
-        events = odmoe_server.stream("/v1/completions", {"prompt": "class Broken:", "max_tokens": 8})
+        events = odmoe_server.stream(
+            "/v1/completions", {"prompt": "class Broken:", "max_tokens": 8}
+        )
         assert "error" in events[-2] and events[-1] == "[DONE]"
     finally:
         with open(shard, "r+b") as f:
             f.write(good)
-    status, reply = odmoe_server.post("/v1/completions", {"prompt": "def fine(x):", "max_tokens": 5})
+    status, reply = odmoe_server.post(
+        "/v1/completions", {"prompt": "def fine(x):", "max_tokens": 5}
+    )
     assert status == 200 and reply["usage"]["completion_tokens"] > 0
     assert odmoe_server.get("/health")[0] == 200
 
@@ -96,7 +133,9 @@ def test_a_read_error_fails_one_request_and_the_server_keeps_serving(odmoe_serve
 @pytest.fixture(scope="module")
 def resident_server(models, tmp_path_factory):
     """The default budget: every expert resident, routes counted lazily."""
-    s = Server("mlx_lm_odmoe.server", models("qwen2_moe", "odmoe"), tmp_path_factory.mktemp("srv") / "log")
+    s = Server(
+        "mlx_lm_odmoe.server", models("qwen2_moe", "odmoe"), tmp_path_factory.mktemp("srv") / "log"
+    )
     yield s
     s.stop()
 
@@ -120,7 +159,9 @@ def test_stats_are_readable_while_clients_generate(resident_server):
             statuses.append(resident_server.get("/health")[0])
 
     def ask(i):
-        resident_server.post("/v1/completions", {"prompt": f"y = {i}", "max_tokens": 24, "temperature": 0})
+        resident_server.post(
+            "/v1/completions", {"prompt": f"y = {i}", "max_tokens": 24, "temperature": 0}
+        )
 
     poller = threading.Thread(target=poll)
     clients = [threading.Thread(target=ask, args=(i,)) for i in range(3)]

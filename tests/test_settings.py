@@ -14,19 +14,28 @@ from mlx_lm_odmoe.settings import Settings
 def test_load_arguments_beat_the_environment_which_beats_config():
     env = {"MLX_LM_ODMOE_EXPERT_CACHE": "50%", "MLX_LM_ODMOE_POLICY": "lru"}
     s = Settings.build({"expert_cache": "25%", "policy": "lfu-decay"}, environ=env)
-    assert (s.expert_cache, s.expert_cache_source, s.policy) == ("50%", "$MLX_LM_ODMOE_EXPERT_CACHE", "lru")
+    assert (s.expert_cache, s.expert_cache_source, s.policy) == (
+        "50%",
+        "$MLX_LM_ODMOE_EXPERT_CACHE",
+        "lru",
+    )
     s = Settings.build({"expert_cache": "25%"}, {"expert_cache": "8GB"}, environ=env)
     assert (s.expert_cache, s.expert_cache_source) == ("8GB", "the expert_cache= argument")
     assert Settings.build({}, environ={}).expert_cache_source == "default"
 
 
 def test_environment_strings_become_typed_values():
-    s = Settings.build({}, environ={"MLX_LM_ODMOE_LOG_INTERVAL": "2.5", "MLX_LM_ODMOE_DROP_PAGE_CACHE": "1"})
+    s = Settings.build(
+        {}, environ={"MLX_LM_ODMOE_LOG_INTERVAL": "2.5", "MLX_LM_ODMOE_DROP_PAGE_CACHE": "1"}
+    )
     assert s.log_interval == 2.5 and s.drop_page_cache is True
 
 
 def test_an_unknown_key_names_itself_the_closest_valid_one_and_the_list():
-    with pytest.raises(SettingsError, match=r"'expert_cach'.*Did you mean 'expert_cache'\?.*Valid settings:.*policy"):
+    with pytest.raises(
+        SettingsError,
+        match=r"'expert_cach'.*Did you mean 'expert_cache'\?.*Valid settings:.*policy",
+    ):
         Settings.build({"expert_cach": "25%"}, environ={})
 
 
@@ -58,13 +67,20 @@ def test_an_unknown_environment_variable_value_fails_the_load(models, monkeypatc
 
 
 def test_a_misspelled_environment_variable_is_an_error():
-    with pytest.raises(SettingsError, match=r"\$MLX_LM_ODMOE_EXPERT_CACH\b.*Did you mean \$MLX_LM_ODMOE_EXPERT_CACHE"):
+    with pytest.raises(
+        SettingsError,
+        match=r"\$MLX_LM_ODMOE_EXPERT_CACH\b.*Did you mean \$MLX_LM_ODMOE_EXPERT_CACHE",
+    ):
         Settings.build({}, environ={"MLX_LM_ODMOE_EXPERT_CACH": "25%"})
 
 
 def test_one_budget_plan_carves_staging_out_of_the_budget():
     from mlx_lm_odmoe.budget import plan_budget
 
-    plan = plan_budget(10 * 100 * 3, record_nbytes=100, num_layers=3, num_experts=16, top_k=2, staging=4)
+    plan = plan_budget(
+        10 * 100 * 3, record_nbytes=100, num_layers=3, num_experts=16, top_k=2, staging=4
+    )
     assert (plan.slots, plan.staging, plan.budget_bytes) == (6, 4, 3000)
-    assert plan_budget(3 * 100 * 3, 100, 3, 16, 2, staging=4).staging == 1  # never below top_k cached
+    assert (
+        plan_budget(3 * 100 * 3, 100, 3, 16, 2, staging=4).staging == 1
+    )  # never below top_k cached

@@ -18,8 +18,16 @@ def test_rss_stays_flat_while_experts_stream_through(models):
     model, tok = mlx_lm_odmoe.load(models("kimi_k2", "odmoe"), expert_cache="min")
     no_eos = lambda tokens, logits: logits.at[..., list(tok.eos_token_ids)].add(-1e9)  # noqa: E731
     samples = []
-    for i, _ in enumerate(mlx_lm.stream_generate(model, tok, "def soak(x):", max_tokens=500,
-                                                 sampler=make_sampler(1.0), logits_processors=[no_eos])):
+    for i, _ in enumerate(
+        mlx_lm.stream_generate(
+            model,
+            tok,
+            "def soak(x):",
+            max_tokens=500,
+            sampler=make_sampler(1.0),
+            logits_processors=[no_eos],
+        )
+    ):
         if i % 50 == 49:
             samples.append(rss_mb())
     stats = mlx_lm_odmoe.stats(model)

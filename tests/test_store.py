@@ -23,12 +23,17 @@ def test_shards_are_real_safetensors_with_each_expert_contiguous(models):
             want = f.get_tensor(f"model.layers.1.mlp.experts.3.{name}")
             assert np.array_equal(np.array(a), want)
     offsets = [t.offset for t in layout.tensors]
-    assert offsets == sorted(offsets) and layout.tensors[-1].offset + layout.tensors[-1].nbytes == layout.record_nbytes
+    assert (
+        offsets == sorted(offsets)
+        and layout.tensors[-1].offset + layout.tensors[-1].nbytes == layout.record_nbytes
+    )
 
 
 def test_in_place_reader_slices_stacked_experts(models):
     folder = models("kimi_k2", "stock_q4")
-    reader = StackedCheckpointReader(folder, num_layers=4, quantization={"group_size": 64, "bits": 4})
+    reader = StackedCheckpointReader(
+        folder, num_layers=4, quantization={"group_size": 64, "bits": 4}
+    )
     assert reader.layout.moe_layers == [1, 2, 3]  # the first layer is dense
     weights = mx.load(str(folder / "model.safetensors"))
     got = record_to_arrays(reader.read(2, 5), reader.layout)
@@ -45,7 +50,10 @@ def test_lru_evicts_the_least_recently_used_expert(models):
     s = store.telemetry.snapshot()
     assert (s["hits"], s["misses"], s["evictions"]) == (1, 4, 1)
     assert s["bytes_read"] == 4 * store.layout.record_nbytes
-    assert s["fetch_latency_p50_ms"] is not None and s["fetch_latency_p99_ms"] >= s["fetch_latency_p50_ms"]
+    assert (
+        s["fetch_latency_p50_ms"] is not None
+        and s["fetch_latency_p99_ms"] >= s["fetch_latency_p50_ms"]
+    )
 
 
 def test_the_current_pass_is_never_evicted():

@@ -117,16 +117,12 @@ def eval_windows(tokens, context, max_windows=None):
     if max_windows is not None and n > max_windows:
         pick = np.linspace(0, n - 1, max_windows).round().astype(np.int64)
         starts = starts[pick]
-    return np.stack([np.asarray(tokens[s : s + context + 1]) for s in starts]).astype(
-        np.int32
-    )
+    return np.stack([np.asarray(tokens[s : s + context + 1]) for s in starts]).astype(np.int32)
 
 
 def unigram_baseline(train_tokens, eval_targets, vocab_size):
     """Cross-entropy (nats/token) of an add-one smoothed train-set unigram."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(
-        np.float64
-    )
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64)
     logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
     return float(-logp[np.asarray(eval_targets).reshape(-1)].mean())
 

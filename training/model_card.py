@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mlx_lm_odmoe.model_types import odmoe_type_for
+
 
 def card(name, log, trained, shipped, quant):
     cfg = log["config"]
@@ -16,25 +18,33 @@ def card(name, log, trained, shipped, quant):
     lines = [
         f"# {name}",
         "",
-        f"A small Mixture-of-Experts language model trained from scratch by this project, so that "
+        "A small Mixture-of-Experts language model trained from scratch by this project, so that "
         "expert caching and prediction can be measured on *learned* routing. It is the "
-        + ("default model of the README." if "qwen" in name else "Kimi K2 / DeepSeek-V3 architecture fixture."),
+        + (
+            "default model of the README."
+            if "qwen" in name
+            else "Kimi K2 / DeepSeek-V3 architecture fixture."
+        ),
         "",
         "## Architecture",
         "",
-        f"- mlx-lm `{arch}` (served here as `{'qwen2_moe_odmoe' if arch == 'qwen2_moe' else 'kimi_k2_odmoe'}`), "
+        f"- mlx-lm `{arch}` (served here as `{odmoe_type_for(arch)}`), "
         f"{cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, "
         f"vocab {cfg['vocab_size']} (byte-level BPE)",
     ]
     if arch == "qwen2_moe":
-        lines.append(f"- {cfg['num_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
-                     f"{cfg['moe_intermediate_size']}, softmax routing, shared expert {cfg['shared_expert_intermediate_size']} with sigmoid gate")
+        lines.append(
+            f"- {cfg['num_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
+            f"{cfg['moe_intermediate_size']}, softmax routing, shared expert {cfg['shared_expert_intermediate_size']} with sigmoid gate"
+        )
     else:
-        lines.append(f"- MLA attention (kv_lora_rank {cfg['kv_lora_rank']}, q_lora_rank {cfg['q_lora_rank']}), "
-                     f"{cfg['n_routed_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
-                     f"{cfg['moe_intermediate_size']}, sigmoid `noaux_tc` routing with `e_score_correction_bias` "
-                     f"(aux-loss-free bias updates), routed_scaling_factor {cfg['routed_scaling_factor']}, "
-                     f"{cfg['n_shared_experts']} shared expert, first {cfg['first_k_dense_replace']} layer dense")
+        lines.append(
+            f"- MLA attention (kv_lora_rank {cfg['kv_lora_rank']}, q_lora_rank {cfg['q_lora_rank']}), "
+            f"{cfg['n_routed_experts']} routed experts, top-{cfg['num_experts_per_tok']}, expert width "
+            f"{cfg['moe_intermediate_size']}, sigmoid `noaux_tc` routing with `e_score_correction_bias` "
+            f"(aux-loss-free bias updates), routed_scaling_factor {cfg['routed_scaling_factor']}, "
+            f"{cfg['n_shared_experts']} shared expert, first {cfg['first_k_dense_replace']} layer dense"
+        )
     lines += [
         f"- {log['params_total'] / 1e6:.2f}M parameters, {log['params_active_per_token'] / 1e6:.2f}M active per token",
         f"- shipped as MLX affine {quant['bits']}-bit, group {quant['group_size']}, float32 scales (fast on MLX's CPU backend), "
@@ -70,14 +80,18 @@ def card(name, log, trained, shipped, quant):
         "|---|---|---|---|---|",
     ]
     for l in shipped["layers"]:
-        lines.append(f"| {l['layer']} | {l['load_entropy_norm']:.3f} | {l['max_share_x_uniform']:.2f} | "
-                     f"{l['consecutive_overlap']:.3f} | {l['unrelated_overlap']:.3f} |")
+        lines.append(
+            f"| {l['layer']} | {l['load_entropy_norm']:.3f} | {l['max_share_x_uniform']:.2f} | "
+            f"{l['consecutive_overlap']:.3f} | {l['unrelated_overlap']:.3f} |"
+        )
     lines += ["", "License of the weights: PSF (as the training text)."]
     return "\n".join(lines) + "\n"
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--trained", required=True)
     p.add_argument("--shipped-stats", required=True)
     p.add_argument("--out", required=True)

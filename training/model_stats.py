@@ -94,15 +94,17 @@ def main():
         p = loads[li] / loads[li].sum()
         nz = p[p > 0]
         ent = float(-(nz * np.log(nz)).sum() / math.log(n_experts))
-        per_layer.append({
-            "layer": layer,
-            "load_entropy_norm": ent,
-            "max_share_x_uniform": float(p.max() * n_experts),
-            "min_share_x_uniform": float(p.min() * n_experts),
-            "unused_experts": int((loads[li] == 0).sum()),
-            "consecutive_overlap": float(ov_sum[li] / ov_n),
-            "unrelated_overlap": float(ref_sum[li] / max(ref_n, 1)),
-        })
+        per_layer.append(
+            {
+                "layer": layer,
+                "load_entropy_norm": ent,
+                "max_share_x_uniform": float(p.max() * n_experts),
+                "min_share_x_uniform": float(p.min() * n_experts),
+                "unused_experts": int((loads[li] == 0).sum()),
+                "consecutive_overlap": float(ov_sum[li] / ov_n),
+                "unrelated_overlap": float(ref_sum[li] / max(ref_n, 1)),
+            }
+        )
 
     res = {
         "model": os.path.abspath(args.model),
@@ -121,14 +123,20 @@ def main():
     }
 
     print(f"{args.model} ({margs.model_type}, {n_experts} experts, top-{top_k})")
-    print(f"held-out loss {loss:.4f} nats (ppl {math.exp(loss):.1f}) over {count} tokens; "
-          f"unigram baseline {unigram:.4f} (ppl {math.exp(unigram):.1f})")
-    print(f"{'layer':>5} {'entropy':>8} {'max/unif':>9} {'min/unif':>9} {'unused':>6} "
-          f"{'overlap':>8} {'unrelated':>9}")
+    print(
+        f"held-out loss {loss:.4f} nats (ppl {math.exp(loss):.1f}) over {count} tokens; "
+        f"unigram baseline {unigram:.4f} (ppl {math.exp(unigram):.1f})"
+    )
+    print(
+        f"{'layer':>5} {'entropy':>8} {'max/unif':>9} {'min/unif':>9} {'unused':>6} "
+        f"{'overlap':>8} {'unrelated':>9}"
+    )
     for r in per_layer:
-        print(f"{r['layer']:>5} {r['load_entropy_norm']:>8.3f} {r['max_share_x_uniform']:>9.2f} "
-              f"{r['min_share_x_uniform']:>9.2f} {r['unused_experts']:>6d} "
-              f"{r['consecutive_overlap']:>8.3f} {r['unrelated_overlap']:>9.3f}")
+        print(
+            f"{r['layer']:>5} {r['load_entropy_norm']:>8.3f} {r['max_share_x_uniform']:>9.2f} "
+            f"{r['min_share_x_uniform']:>9.2f} {r['unused_experts']:>6d} "
+            f"{r['consecutive_overlap']:>8.3f} {r['unrelated_overlap']:>9.3f}"
+        )
     print(f"random-set overlap k/E = {top_k / n_experts:.3f}")
 
     out = args.json or os.path.join(args.model, "stats.json")

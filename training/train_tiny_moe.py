@@ -179,14 +179,23 @@ def save_checkpoint(model, config, tok_dir, out_dir):
 def main():
     ap = argparse.ArgumentParser(description="Train a tiny MoE LM with MLX.")
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="training wall-time budget; fixes the step count "
-                         "from the measured speed of the first steps")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="total steps (sets the learning-rate schedule)")
-    ap.add_argument("--stop-after", type=int, default=None,
-                    help="stop after this many steps while keeping the schedule "
-                         "of --steps (replays a run that hit its time limit)")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="training wall-time budget; fixes the step count "
+        "from the measured speed of the first steps",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="total steps (sets the learning-rate schedule)"
+    )
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps while keeping the schedule "
+        "of --steps (replays a run that hit its time limit)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default="artifacts/data")
     ap.add_argument("--out", required=True)
@@ -196,8 +205,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--eval-windows", type=int, default=32,
-                    help="held-out windows for periodic evals (final eval uses all)")
+    ap.add_argument(
+        "--eval-windows",
+        type=int,
+        default=32,
+        help="held-out windows for periodic evals (final eval uses all)",
+    )
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     if (args.minutes is None) == (args.steps is None):
@@ -222,11 +235,15 @@ def main():
     n_experts = common.num_routed_experts(margs)
     top_k = margs.num_experts_per_tok
     moe_layers = [i for i, _ in common.moe_blocks(model)]
-    print(f"preset {args.preset}: {n_total/1e6:.2f}M params, "
-          f"{n_active/1e6:.2f}M active/token, MoE layers {moe_layers}", flush=True)
+    print(
+        f"preset {args.preset}: {n_total / 1e6:.2f}M params, "
+        f"{n_active / 1e6:.2f}M active/token, MoE layers {moe_layers}",
+        flush=True,
+    )
 
-    optimizer = optim.AdamW(learning_rate=args.lr, betas=[0.9, 0.95],
-                            weight_decay=args.weight_decay)
+    optimizer = optim.AdamW(
+        learning_rate=args.lr, betas=[0.9, 0.95], weight_decay=args.weight_decay
+    )
 
     def loss_fn(model, x, y):
         common.ROUTER_LOG.clear()
@@ -235,10 +252,9 @@ def main():
         routed = common.router_outputs(top_k)
         common.ROUTER_LOG.clear()
         aux = mx.stack([common.load_balancing_loss(p, i, n_experts) for p, i in routed]).mean()
-        loads = mx.stack([
-            mx.zeros((n_experts,), mx.float32).at[i.reshape(-1)].add(1.0)
-            for _, i in routed
-        ])
+        loads = mx.stack(
+            [mx.zeros((n_experts,), mx.float32).at[i.reshape(-1)].add(1.0) for _, i in routed]
+        )
         return ce + aux_coef * aux, ce, aux, loads
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -303,10 +319,12 @@ def main():
             break
 
         starts = rng.integers(0, len(train_tokens) - ctx - 1, size=bs)
-        batch = np.stack([np.asarray(train_tokens[s : s + ctx + 1]) for s in starts]).astype(np.int32)
+        batch = np.stack([np.asarray(train_tokens[s : s + ctx + 1]) for s in starts]).astype(
+            np.int32
+        )
         x, y = mx.array(batch[:, :-1]), mx.array(batch[:, 1:])
 
-        sched_total = total_steps if total_steps is not None else 10 ** 9
+        sched_total = total_steps if total_steps is not None else 10**9
         optimizer.learning_rate = mx.array(lr_at(it, sched_total, args.lr, args.warmup))
         t0 = time.time()
         ce, aux, loads, gnorm = step(x, y)
@@ -335,52 +353,74 @@ def main():
         if budget is not None and total_steps is None and it == probe_steps:
             per_step = (time.time() - t_start) / it
             total_steps = max(probe_steps + 1, int(budget / per_step))
-            print(f"measured {per_step:.2f}s/step; fixing total steps to {total_steps} "
-                  f"(reproduce with --steps {total_steps})", flush=True)
+            print(
+                f"measured {per_step:.2f}s/step; fixing total steps to {total_steps} "
+                f"(reproduce with --steps {total_steps})",
+                flush=True,
+            )
 
         if it % 10 == 0 or it == 1:
             frac = load_acc / load_acc.sum(axis=1, keepdims=True)
             maxvio = float((frac.max(axis=1) * n_experts - 1).mean())
             elapsed = time.time() - t_start
             rec = {
-                "step": it, "tokens": tokens_seen, "elapsed_s": round(elapsed, 1),
-                "train_ce": ce_acc / n_acc, "aux": aux_acc / n_acc,
-                "lr": float(optimizer.learning_rate.item()), "grad_norm": float(gnorm.item()),
-                "tok_per_s": tokens_seen / t_train, "max_load_violation": maxvio,
+                "step": it,
+                "tokens": tokens_seen,
+                "elapsed_s": round(elapsed, 1),
+                "train_ce": ce_acc / n_acc,
+                "aux": aux_acc / n_acc,
+                "lr": float(optimizer.learning_rate.item()),
+                "grad_norm": float(gnorm.item()),
+                "tok_per_s": tokens_seen / t_train,
+                "max_load_violation": maxvio,
             }
             log["history"].append(rec)
-            print(f"step {it:5d}/{total_steps or '?'} ce {rec['train_ce']:.3f} aux {rec['aux']:.3f} "
-                  f"lr {rec['lr']:.2e} gn {rec['grad_norm']:.2f} maxvio {maxvio:.2f} "
-                  f"{rec['tok_per_s']:.0f} tok/s {elapsed/60:.1f} min", flush=True)
+            print(
+                f"step {it:5d}/{total_steps or '?'} ce {rec['train_ce']:.3f} aux {rec['aux']:.3f} "
+                f"lr {rec['lr']:.2e} gn {rec['grad_norm']:.2f} maxvio {maxvio:.2f} "
+                f"{rec['tok_per_s']:.0f} tok/s {elapsed / 60:.1f} min",
+                flush=True,
+            )
             ce_acc, aux_acc, n_acc = 0.0, 0.0, 0
             load_acc[:] = 0
 
         if it % args.eval_every == 0:
             hl = run_eval(periodic_windows)
-            log["evals"].append({"step": it, "tokens": tokens_seen, "heldout_loss_subset": hl,
-                                 "elapsed_s": round(time.time() - t_start, 1)})
+            log["evals"].append(
+                {
+                    "step": it,
+                    "tokens": tokens_seen,
+                    "heldout_loss_subset": hl,
+                    "elapsed_s": round(time.time() - t_start, 1),
+                }
+            )
             print(f"  eval step {it}: held-out loss (subset) {hl:.4f}", flush=True)
             save_checkpoint(model, config, tok_dir, args.out)
 
     wall = time.time() - t_start
     final = run_eval(final_windows)
     save_checkpoint(model, config, tok_dir, args.out)
-    log.update({
-        "steps": it,
-        "steps_planned": total_steps,
-        "stopped_early": stopped_early,
-        "tokens_seen": tokens_seen,
-        "train_wall_time_s": wall,
-        "train_step_time_s": t_train,
-        "tokens_per_s": tokens_seen / t_train,
-        "heldout_loss": final,
-        "heldout_ppl": math.exp(final),
-        "unigram_ppl": math.exp(unigram),
-        "reproduce": f"--preset {args.preset} --steps {total_steps} --seed {args.seed}"
-        + (f" --stop-after {it}" if stopped_early else ""),
-    })
-    print(f"final: {it} steps, {tokens_seen} tokens, {wall/60:.1f} min, "
-          f"held-out loss {final:.4f} (unigram {unigram:.4f})", flush=True)
+    log.update(
+        {
+            "steps": it,
+            "steps_planned": total_steps,
+            "stopped_early": stopped_early,
+            "tokens_seen": tokens_seen,
+            "train_wall_time_s": wall,
+            "train_step_time_s": t_train,
+            "tokens_per_s": tokens_seen / t_train,
+            "heldout_loss": final,
+            "heldout_ppl": math.exp(final),
+            "unigram_ppl": math.exp(unigram),
+            "reproduce": f"--preset {args.preset} --steps {total_steps} --seed {args.seed}"
+            + (f" --stop-after {it}" if stopped_early else ""),
+        }
+    )
+    print(
+        f"final: {it} steps, {tokens_seen} tokens, {wall / 60:.1f} min, "
+        f"held-out loss {final:.4f} (unigram {unigram:.4f})",
+        flush=True,
+    )
 
     # Round trip through stock mlx-lm, as a user would load it.
     import mlx_lm

@@ -100,7 +100,9 @@ def tensor_type(name: str, shape: tuple, outtype: QType) -> QType:
 
 
 def file_type(outtype: QType) -> LlamaFileType:
-    return LlamaFileType.ALL_F32 if outtype == QType.F32 else LlamaFileType[f"MOSTLY_{outtype.name}"]
+    return (
+        LlamaFileType.ALL_F32 if outtype == QType.F32 else LlamaFileType[f"MOSTLY_{outtype.name}"]
+    )
 
 
 # --- Metadata ------------------------------------------------------------------
@@ -109,8 +111,10 @@ def file_type(outtype: QType) -> LlamaFileType:
 def _arch_for(config: dict) -> Arch:
     model_type = config.get("model_type")
     if model_type not in HF_TO_ARCH:
-        raise ValueError(f"model_type {model_type!r} has no llama.cpp architecture here; "
-                         f"expected one of {sorted(HF_TO_ARCH)}")
+        raise ValueError(
+            f"model_type {model_type!r} has no llama.cpp architecture here; "
+            f"expected one of {sorted(HF_TO_ARCH)}"
+        )
     return ARCHS[HF_TO_ARCH[model_type]]
 
 
@@ -130,7 +134,9 @@ def _model_kv(w: GGUFWriter, arch: Arch, config: dict):
 
 
 def _looks_special(token: str) -> bool:
-    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+    return (token.startswith("<|") and token.endswith("|>")) or (
+        token.startswith("<｜") and token.endswith("｜>")
+    )
 
 
 def _pre_tokenizer_name(hf_path: Path) -> str:
@@ -144,8 +150,10 @@ def _pre_tokenizer_name(hf_path: Path) -> str:
     for name, (regexes, _) in PRE_TOKENIZERS.items():
         if splits == regexes:
             return name
-    raise ValueError(f"{hf_path / 'tokenizer.json'}: pre-tokenizer {pre.get('type')!r} with splits {splits} "
-                     f"matches none of {sorted(PRE_TOKENIZERS)}")
+    raise ValueError(
+        f"{hf_path / 'tokenizer.json'}: pre-tokenizer {pre.get('type')!r} with splits {splits} "
+        f"matches none of {sorted(PRE_TOKENIZERS)}"
+    )
 
 
 def _vocab_kv(w: GGUFWriter, hf_path: Path, vocab_size: int):
@@ -156,7 +164,9 @@ def _vocab_kv(w: GGUFWriter, hf_path: Path, vocab_size: int):
     tok = Tokenizer.from_file(str(hf_path / "tokenizer.json"))
     reverse = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
-        raise ValueError(f"{hf_path}: tokenizer id {max(reverse)} is beyond vocab_size {vocab_size}")
+        raise ValueError(
+            f"{hf_path}: tokenizer id {max(reverse)} is beyond vocab_size {vocab_size}"
+        )
     added = tok.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
@@ -179,7 +189,9 @@ def _vocab_kv(w: GGUFWriter, hf_path: Path, vocab_size: int):
     SpecialVocab(hf_path, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
-def _metadata(hf_path: Path, arch: Arch, config: dict, outtype: QType, name: str) -> Dict[str, GGUFValue]:
+def _metadata(
+    hf_path: Path, arch: Arch, config: dict, outtype: QType, name: str
+) -> Dict[str, GGUFValue]:
     w = GGUFWriter(None, arch.name)  # collects key/values only
     w.add_type("model")
     w.add_name(name)
@@ -197,7 +209,9 @@ def _as_numpy(arr: mx.array) -> np.ndarray:
     return np.array(arr.astype(mx.float32))
 
 
-def _resident_tensors(arch: Arch, config: dict, weights: dict, outtype: QType) -> List[PlannedTensor]:
+def _resident_tensors(
+    arch: Arch, config: dict, weights: dict, outtype: QType
+) -> List[PlannedTensor]:
     """Non-expert tensors under their llama.cpp names."""
     n_layers = config["num_hidden_layers"]
     layer_names = {t.hf: t for t in arch.tensors}
@@ -210,21 +224,29 @@ def _resident_tensors(arch: Arch, config: dict, weights: dict, outtype: QType) -
         if key.endswith("rotary_emb.inv_freq") or (m and int(m.group(1)) >= n_layers):
             continue  # unused, or multi-token-prediction layers llama.cpp leaves out
         if key in global_names:
-            out.append(_planned(global_names[key], value.shape, outtype, lambda v=value: _as_numpy(v)))
+            out.append(
+                _planned(global_names[key], value.shape, outtype, lambda v=value: _as_numpy(v))
+            )
         elif m and m.group(2) in layer_names:
-            out += _layer_tensor(arch, config, f"blk.{m.group(1)}.", layer_names[m.group(2)], value, outtype)
+            out += _layer_tensor(
+                arch, config, f"blk.{m.group(1)}.", layer_names[m.group(2)], value, outtype
+            )
         else:
             raise ValueError(f"tensor {key!r} has no llama.cpp name for {arch.name}")
     return out
 
 
-def _layer_tensor(arch: Arch, config: dict, blk: str, t, value, outtype: QType) -> List[PlannedTensor]:
+def _layer_tensor(
+    arch: Arch, config: dict, blk: str, t, value, outtype: QType
+) -> List[PlannedTensor]:
     if not t.parts:
         return [_planned(blk + t.gguf, value.shape, outtype, lambda: _as_numpy(value))]
     split = arch.joins[t.gguf][1]  # DeepSeek's kv_b_proj -> attn_k_b, attn_v_b
     shapes = [part.shape for part in split(config, np.empty(value.shape, np.float32))]
-    return [_planned(blk + name, shape, outtype, lambda i=i: split(config, _as_numpy(value))[i])
-            for i, (name, shape) in enumerate(zip(t.parts, shapes))]
+    return [
+        _planned(blk + name, shape, outtype, lambda i=i: split(config, _as_numpy(value))[i])
+        for i, (name, shape) in enumerate(zip(t.parts, shapes))
+    ]
 
 
 def _name_order(arch: Arch, n_layers: int) -> dict:
@@ -253,8 +275,14 @@ def _expert_tensors(arch: Arch, config: dict, src: HFSource, outtype: QType) -> 
             continue
         first = src.expert(layer, 0)
         out += [
-            _planned(f"blk.{layer}.{g}", (E, *first[hf].shape), outtype,
-                     lambda layer=layer, hf=hf: np.stack([_as_numpy(src.expert(layer, e)[hf]) for e in range(E)]))
+            _planned(
+                f"blk.{layer}.{g}",
+                (E, *first[hf].shape),
+                outtype,
+                lambda layer=layer, hf=hf: np.stack(
+                    [_as_numpy(src.expert(layer, e)[hf]) for e in range(E)]
+                ),
+            )
             for g, hf in EXPERT_TENSORS.items()
         ]
     return out
@@ -289,7 +317,9 @@ def write_gguf(plan: GGUFPlan, path, split_max_tensors: int = 0) -> List[Path]:
             w.add_key_value(key, v.value, v.type, v.sub_type)
     for t in plan.tensors:
         dtype = {QType.F32: np.float32, QType.F16: np.float16}.get(t.qtype)
-        w.add_tensor_info(t.name, t.shape, dtype or np.float32, t.nbytes, raw_dtype=None if dtype else t.qtype)
+        w.add_tensor_info(
+            t.name, t.shape, dtype or np.float32, t.nbytes, raw_dtype=None if dtype else t.qtype
+        )
     files = w.format_shard_names(path)
     try:
         w.write_header_to_file()
@@ -314,12 +344,18 @@ def export_gguf(hf_path, path, outtype: str = "F32", split_max_tensors: int = 0)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mlx_lm_odmoe.conversion.gguf_export",
-                                description="Write a qwen2_moe / DeepSeek-V3 / Kimi K2 checkpoint as a llama.cpp GGUF.")
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_lm_odmoe.conversion.gguf_export",
+        description="Write a qwen2_moe / DeepSeek-V3 / Kimi K2 checkpoint as a llama.cpp GGUF.",
+    )
     p.add_argument("hf_path", help="Hugging Face checkpoint folder.")
     p.add_argument("out", help="Output .gguf file.")
-    p.add_argument("--outtype", default="F32", choices=OUTTYPES, type=str.upper, help="Default: F32")
-    p.add_argument("--split-max-tensors", type=int, default=0, help="Tensors per split part (0: one file).")
+    p.add_argument(
+        "--outtype", default="F32", choices=OUTTYPES, type=str.upper, help="Default: F32"
+    )
+    p.add_argument(
+        "--split-max-tensors", type=int, default=0, help="Tensors per split part (0: one file)."
+    )
     args = p.parse_args(argv)
     try:
         files = export_gguf(args.hf_path, args.out, args.outtype, args.split_max_tensors)

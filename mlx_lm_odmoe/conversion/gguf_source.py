@@ -149,7 +149,11 @@ _DEEPSEEK2_TENSORS = _NORMS + (
     Tensor("attn_q_b.weight", "self_attn.q_b_proj.weight", "q_lora"),
     Tensor("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
     Tensor("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
-    Tensor("attn_kv_b.weight", "self_attn.kv_b_proj.weight", parts=("attn_k_b.weight", "attn_v_b.weight")),
+    Tensor(
+        "attn_kv_b.weight",
+        "self_attn.kv_b_proj.weight",
+        parts=("attn_k_b.weight", "attn_v_b.weight"),
+    ),
     Tensor("attn_output.weight", "self_attn.o_proj.weight"),
     Tensor("ffn_gate.weight", "mlp.gate_proj.weight", "dense"),
     Tensor("ffn_up.weight", "mlp.up_proj.weight", "dense"),
@@ -173,7 +177,9 @@ def _split_kv_b(config: dict, kv_b: np.ndarray):
     """The inverse of ``_join_kv_b`` (llama.cpp's converter does this)."""
     nope = config["qk_nope_head_dim"]
     kv_b = kv_b.reshape(config["num_attention_heads"], nope + config["v_head_dim"], -1)
-    return np.ascontiguousarray(kv_b[:, :nope].swapaxes(-1, -2)), np.ascontiguousarray(kv_b[:, nope:])
+    return np.ascontiguousarray(kv_b[:, :nope].swapaxes(-1, -2)), np.ascontiguousarray(
+        kv_b[:, nope:]
+    )
 
 
 def _qwen2moe_derived(get: Callable, config: dict) -> dict:
@@ -230,17 +236,26 @@ class Arch:
 
 ARCHS = {
     "qwen2moe": Arch(
-        "qwen2moe", "qwen2_moe", ("Qwen2MoeForCausalLM",),
-        _COMMON_KEYS + (
+        "qwen2moe",
+        "qwen2_moe",
+        ("Qwen2MoeForCausalLM",),
+        _COMMON_KEYS
+        + (
             Key("attention.head_count_kv", "num_key_value_heads", U32),
             Key("expert_count", "num_experts", U32),
             Key("expert_shared_feed_forward_length", "shared_expert_intermediate_size", U32),
         ),
-        _QWEN2MOE_TENSORS, {}, _qwen2moe_derived, lambda config: [],
+        _QWEN2MOE_TENSORS,
+        {},
+        _qwen2moe_derived,
+        lambda config: [],
     ),
     "deepseek2": Arch(
-        "deepseek2", "kimi_k2", ("DeepseekV3ForCausalLM",),
-        _COMMON_KEYS + (
+        "deepseek2",
+        "kimi_k2",
+        ("DeepseekV3ForCausalLM",),
+        _COMMON_KEYS
+        + (
             Key("expert_count", "n_routed_experts", U32),
             Key("leading_dense_block_count", "first_k_dense_replace", U32, 0),
             Key("expert_shared_count", "n_shared_experts", U32, None, zero_is_none=True),
@@ -255,11 +270,18 @@ ARCHS = {
         ),
         _DEEPSEEK2_TENSORS,
         {"attn_kv_b.weight": (_join_kv_b, _split_kv_b)},
-        _deepseek2_derived, _deepseek2_export, first_moe_layer="first_k_dense_replace",
+        _deepseek2_derived,
+        _deepseek2_export,
+        first_moe_layer="first_k_dense_replace",
     ),
 }
 # Hugging Face model types each llama.cpp architecture is written from.
-HF_TO_ARCH = {"qwen2_moe": "qwen2moe", "deepseek_v3": "deepseek2", "kimi_k2": "deepseek2", "kimi_k25": "deepseek2"}
+HF_TO_ARCH = {
+    "qwen2_moe": "qwen2moe",
+    "deepseek_v3": "deepseek2",
+    "kimi_k2": "deepseek2",
+    "kimi_k25": "deepseek2",
+}
 
 # Hugging Face tensors llama.cpp stores in another shape.
 _HF_SHAPES = {"mlp.shared_expert_gate.weight": lambda a: a.reshape(1, -1)}
@@ -286,8 +308,11 @@ def rope_scaling_from_gguf(get: Callable, arch: str) -> Optional[dict]:
         return {"type": "linear", "factor": factor}
     if kind != "yarn":
         raise ValueError(f"{arch}.rope.scaling.type {kind!r} is not supported (none, linear, yarn)")
-    out = {"type": "yarn", "factor": factor,
-           "original_max_position_embeddings": get("rope.scaling.original_context_length")}
+    out = {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+    }
     for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
         if get(f"rope.scaling.{key}", None) is not None:
             out[name] = _clean_float(get(f"rope.scaling.{key}"))
@@ -307,8 +332,11 @@ def rope_scaling_to_gguf(scaling: Optional[dict], arch: str) -> list:
         return [("rope.scaling.type", "linear", S), ("rope.scaling.factor", scaling["factor"], F32)]
     if kind != "yarn":
         raise ValueError(f"rope_scaling type {kind!r} cannot be written to GGUF (linear, yarn)")
-    out = [("rope.scaling.type", "yarn", S), ("rope.scaling.factor", scaling["factor"], F32),
-           ("rope.scaling.original_context_length", scaling["original_max_position_embeddings"], U32)]
+    out = [
+        ("rope.scaling.type", "yarn", S),
+        ("rope.scaling.factor", scaling["factor"], F32),
+        ("rope.scaling.original_context_length", scaling["original_max_position_embeddings"], U32),
+    ]
     for name, key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
         if name in scaling:
             out.append((f"rope.scaling.{key}", scaling[name], F32))
@@ -331,7 +359,9 @@ class _Reader(GGUFReader):
             try:
                 qtype = QType(int(raw_type[0]))
             except ValueError:
-                raise GGUFError(f"tensor {name!r} has ggml type id {int(raw_type[0])}, unknown to gguf-py") from None
+                raise GGUFError(
+                    f"tensor {name!r} has ggml type id {int(raw_type[0])}, unknown to gguf-py"
+                ) from None
             block, size = GGML_QUANT_SIZES[qtype]
             end = start_offs + int(offset[0]) + int(np.prod(dims.astype(np.int64))) * size // block
             if end > len(self.data):
@@ -361,7 +391,9 @@ def split_parts(path: Path) -> list:
     if not m:
         return [path]
     count = int(m["count"])
-    parts = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    parts = [
+        path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)
+    ]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{path}: split GGUF part(s) {missing} not found next to it")
@@ -382,7 +414,6 @@ def dequantizable() -> frozenset:
             continue
         ok.add(qtype)
     return frozenset(ok)
-
 
 
 FLOAT_TYPES = (QType.F32, QType.F16, QType.BF16)
@@ -464,7 +495,9 @@ class GGUFSource:
             name = f"{arch.name}.{key.gguf}"
             if name not in self.fields:
                 if key.default is REQUIRED:
-                    raise GGUFError(f"{self.path}: metadata key {name!r} is missing (it gives {key.hf})")
+                    raise GGUFError(
+                        f"{self.path}: metadata key {name!r} is missing (it gives {key.hf})"
+                    )
                 config[key.hf] = key.default
                 continue
             try:
@@ -528,12 +561,16 @@ class GGUFSource:
                     resident[hf + t.hf] = source
                     used.update(source[0])
             if moe:
-                experts[layer] = {hf_name: self._expert_tensor(blk + g) for g, hf_name in EXPERT_TENSORS.items()}
+                experts[layer] = {
+                    hf_name: self._expert_tensor(blk + g) for g, hf_name in EXPERT_TENSORS.items()
+                }
                 used.update(blk + g for g in EXPERT_TENSORS)
         n = cfg["num_hidden_layers"]
         unknown = [name for name in self.tensors if name not in used and not _beyond(name, n)]
         if unknown:
-            raise GGUFError(f"{self.path}: tensor {unknown[0]!r} has no Hugging Face name for {arch.name}")
+            raise GGUFError(
+                f"{self.path}: tensor {unknown[0]!r} has no Hugging Face name for {arch.name}"
+            )
         return resident, experts
 
     def _layer_source(self, blk: str, t: Tensor, needed: bool):
@@ -551,10 +588,16 @@ class GGUFSource:
     def _expert_tensor(self, name: str):
         t = self._tensor(name)
         cfg = self.config
-        E, H, I = cfg.get("num_experts") or cfg["n_routed_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+        E, H, I = (
+            cfg.get("num_experts") or cfg["n_routed_experts"],
+            cfg["hidden_size"],
+            cfg["moe_intermediate_size"],
+        )
         want = (E, H, I) if "down" in name else (E, I, H)
         if _numpy_shape(t) != want:
-            raise GGUFError(f"{self.path}: tensor {name!r} has shape {_numpy_shape(t)}, expected {want}")
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} has shape {_numpy_shape(t)}, expected {want}"
+            )
         return t
 
     def _read(self, hf: str, names: tuple, join) -> mx.array:
@@ -564,7 +607,9 @@ class GGUFSource:
         else:
             parts = [np.array(to_mx(t.data, t.tensor_type).astype(mx.float32)) for t in tensors]
             dtypes = {native_dtype(t.tensor_type) for t in tensors}
-            arr = mx.array(join(self.config, *parts)).astype(dtypes.pop() if len(dtypes) == 1 else mx.float32)
+            arr = mx.array(join(self.config, *parts)).astype(
+                dtypes.pop() if len(dtypes) == 1 else mx.float32
+            )
         if any(t.tensor_type not in FLOAT_TYPES for t in tensors):
             arr = arr.astype(self._dequantized_dtype)
             mx.eval(arr)
@@ -587,7 +632,11 @@ class GGUFSource:
         try:
             tokenizer = _transformers_tokenizer(self.parts[0])
         except Exception as e:  # transformers' GGUF support is partial and needs torch
-            logger.info("transformers cannot build the tokenizer of %s (%s); building it from metadata", self.path, e)
+            logger.info(
+                "transformers cannot build the tokenizer of %s (%s); building it from metadata",
+                self.path,
+                e,
+            )
             tokenizer = build_tokenizer(self.value)
         template = self.value("tokenizer.chat_template", None)
         if template and not getattr(tokenizer, "chat_template", None):
@@ -625,17 +674,22 @@ _DEEPSEEK3_SPLITS = (
     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
-_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
-_KIMI_K2_SPLIT = "|".join([  # tokenization_kimi.py's pat_str
-    r"[\p{Han}]+",
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-    r"\p{N}{1,3}",
-    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-    r"\s*[\r\n]+",
-    r"\s+(?!\S)",
-    r"\s+",
-])
+_UPPER, _LOWER = (
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]",
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]",
+)
+_KIMI_K2_SPLIT = "|".join(
+    [  # tokenization_kimi.py's pat_str
+        r"[\p{Han}]+",
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
 
 # tokenizer.ggml.pre -> (the regexes text is split with, in order; whether a
 # whole word found in the vocabulary skips the merges, as tiktoken does).
@@ -665,10 +719,14 @@ def build_tokenizer(get: Callable):
 
     kind = get("tokenizer.ggml.model", None)
     if kind != "gpt2":
-        raise GGUFError(f"tokenizer.ggml.model {kind!r}: only byte-level BPE ('gpt2') can be rebuilt")
+        raise GGUFError(
+            f"tokenizer.ggml.model {kind!r}: only byte-level BPE ('gpt2') can be rebuilt"
+        )
     pre = get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE_TOKENIZERS:
-        raise GGUFError(f"tokenizer.ggml.pre {pre!r} is not known (known: {sorted(PRE_TOKENIZERS)})")
+        raise GGUFError(
+            f"tokenizer.ggml.pre {pre!r} is not known (known: {sorted(PRE_TOKENIZERS)})"
+        )
     splits, ignore_merges = PRE_TOKENIZERS[pre]
     tokens = get("tokenizer.ggml.tokens")
     types = get("tokenizer.ggml.token_type", None) or [TokenType.NORMAL] * len(tokens)
@@ -683,13 +741,24 @@ def build_tokenizer(get: Callable):
     )
     tok.decoder = decoders.ByteLevel()
     # llama.cpp matches control and user-defined tokens whole, before BPE.
-    tok.add_tokens([AddedToken(t, special=ty == TokenType.CONTROL, normalized=False)
-                    for t, ty in zip(tokens, types) if ty in (TokenType.CONTROL, TokenType.USER_DEFINED)])
+    tok.add_tokens(
+        [
+            AddedToken(t, special=ty == TokenType.CONTROL, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty in (TokenType.CONTROL, TokenType.USER_DEFINED)
+        ]
+    )
 
-    special = {name: tokens[get(f"tokenizer.ggml.{key}")] for name, key in (
-        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"),
-    ) if get(f"tokenizer.ggml.{key}", None) is not None}
+    special = {
+        name: tokens[get(f"tokenizer.ggml.{key}")]
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        )
+        if get(f"tokenizer.ggml.{key}", None) is not None
+    }
     add_bos = get("tokenizer.ggml.add_bos_token", False) and "bos_token" in special
     add_eos = get("tokenizer.ggml.add_eos_token", False) and "eos_token" in special
     if add_bos or add_eos:
@@ -697,7 +766,10 @@ def build_tokenizer(get: Callable):
         eos = [special["eos_token"]] if add_eos else []
         single = " ".join(bos + ["$A"] + eos)
         tok.post_processor = processors.TemplateProcessing(
-            single=single, pair=f"{single} " + " ".join(bos + ["$B:1"] + eos),
+            single=single,
+            pair=f"{single} " + " ".join(bos + ["$B:1"] + eos),
             special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(bos + eos)],
         )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, clean_up_tokenization_spaces=False, **special
+    )

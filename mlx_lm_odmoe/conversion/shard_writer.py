@@ -39,12 +39,24 @@ def to_bytes(a: mx.array) -> bytes:
 class ExpertShardWriter:
     """Writes experts in (layer, expert) order; each expert is one record."""
 
-    def __init__(self, out_dir: Path, sample: Dict[str, mx.array], num_experts: int,
-                 moe_layers: List[int], quantization=None, shard_bytes: int = 2 * 10**9):
+    def __init__(
+        self,
+        out_dir: Path,
+        sample: Dict[str, mx.array],
+        num_experts: int,
+        moe_layers: List[int],
+        quantization=None,
+        shard_bytes: int = 2 * 10**9,
+    ):
         self.dir = Path(out_dir) / EXPERTS_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
         self.names = ordered_names(sample)
-        specs = record_specs([(n, MLX_TO_ST[str(sample[n].dtype).split(".")[-1]], tuple(sample[n].shape)) for n in self.names])
+        specs = record_specs(
+            [
+                (n, MLX_TO_ST[str(sample[n].dtype).split(".")[-1]], tuple(sample[n].shape))
+                for n in self.names
+            ]
+        )
         self.layout = ExpertLayout(num_experts, list(moe_layers), specs, quantization)
         order = [(l, e) for l in moe_layers for e in range(num_experts)]
         per_shard = max(1, shard_bytes // self.layout.record_nbytes)
@@ -63,7 +75,9 @@ class ExpertShardWriter:
         for l, e in members:
             for t in self.layout.tensors:
                 header[expert_key(l, e, t.name)] = {
-                    "dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "data_offsets": [offset, offset + t.nbytes],
                 }
                 offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -90,14 +104,18 @@ class ExpertShardWriter:
     def add(self, layer: int, expert: int, arrays: Dict[str, mx.array]):
         want = next(self._next)
         if want != (layer, expert):
-            raise ValueError(f"experts must be written in order: expected {want}, got {(layer, expert)}")
+            raise ValueError(
+                f"experts must be written in order: expected {want}, got {(layer, expert)}"
+            )
         if self._left == 0:
             self._open_next_shard()
         start, crc = self._pos, 0
         for t in self.layout.tensors:
             a = arrays[t.name]
             if tuple(a.shape) != t.shape or MLX_TO_ST[str(a.dtype).split(".")[-1]] != t.dtype:
-                raise ValueError(f"layer {layer} expert {expert}: {t.name} is {a.dtype}{tuple(a.shape)}, expected {t.dtype}{t.shape}")
+                raise ValueError(
+                    f"layer {layer} expert {expert}: {t.name} is {a.dtype}{tuple(a.shape)}, expected {t.dtype}{t.shape}"
+                )
             b = to_bytes(a)
             self._write(b)
             crc = zlib.crc32(b, crc)

@@ -31,12 +31,18 @@ def is_expert_key(key: str) -> bool:
 def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
     """Give every MoE layer an on-demand block sharing one runtime."""
     moe_layers = moe_layers_of(model)
-    expected = {"num_experts": num_experts, "moe_layers": moe_layers,
-                "hidden_size": args.hidden_size, "moe_intermediate_size": args.moe_intermediate_size}
+    expected = {
+        "num_experts": num_experts,
+        "moe_layers": moe_layers,
+        "hidden_size": args.hidden_size,
+        "moe_intermediate_size": args.moe_intermediate_size,
+    }
     runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers, expected)
     for i in moe_layers:
         mlp = model.model.layers[i].mlp
-        mlp.switch_mlp = OnDemandSwitchGLU(runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts)
+        mlp.switch_mlp = OnDemandSwitchGLU(
+            runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
+        )
         shared = mlp.get("shared_expert", mlp.get("shared_experts"))
         if isinstance(shared, nn.Module):
             mlp.switch_mlp.start_early(early_start(shared))

@@ -88,7 +88,9 @@ class Model(qwen2_moe.Model):
         for layer in self.model.layers:
             attn = layer.self_attn
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group))
+                setattr(
+                    attn, name, shard_linear(getattr(attn, name), "all-to-sharded", group=group)
+                )
             attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
             attn.n_heads //= N
             attn.n_kv_heads //= N

@@ -31,8 +31,9 @@ class ExpertPredictor:
     def predict(self, layer: int, hidden: mx.array, topk: mx.array) -> Dict[int, mx.array]:
         raise NotImplementedError
 
-    def guesses(self, layer: int, hidden: mx.array, topk: mx.array, distance: int,
-                min_prob: float = 0.0) -> Dict[int, mx.array]:
+    def guesses(
+        self, layer: int, hidden: mx.array, topk: mx.array, distance: int, min_prob: float = 0.0
+    ) -> Dict[int, mx.array]:
         """What to read ahead: ``{later layer: [N, k] int32 ids}`` for up to
         ``distance`` layers, each row's top-k scores; a calibrated predictor
         drops guesses with probability below ``min_prob`` (id -1)."""
@@ -45,8 +46,9 @@ class ExpertPredictor:
         """Layer ``layer`` chose ``topk`` ([N, k]) and no prediction is
         wanted from it; a stateful predictor records what it needs."""
 
-    def host_guesses(self, layer: int, hidden: np.ndarray, topk: np.ndarray, distance: int,
-                     min_prob: float = 0.0) -> Dict[int, np.ndarray]:
+    def host_guesses(
+        self, layer: int, hidden: np.ndarray, topk: np.ndarray, distance: int, min_prob: float = 0.0
+    ) -> Dict[int, np.ndarray]:
         """:meth:`guesses` on host arrays, for predictors with ``on_host``."""
         raise NotImplementedError
 

@@ -30,7 +30,10 @@ class RouterLookahead(ExpertPredictor):
         self.model, self.moe_layers, self.distance = model, list(moe_layers), distance
 
     def predict(self, layer, hidden, topk):
-        return {t: router_scores(self.model, t, hidden) for t in later_layers(self.moe_layers, layer, self.distance)}
+        return {
+            t: router_scores(self.model, t, hidden)
+            for t in later_layers(self.moe_layers, layer, self.distance)
+        }
 
 
 class PreviousTokenState:
@@ -77,7 +80,10 @@ class PreviousToken(ExpertPredictor):
 
     def predict(self, layer, hidden, topk):
         n = hidden.shape[0]
-        out = {t: self.state.features(t, n) for t in later_layers(self.moe_layers, layer, self.distance)}
+        out = {
+            t: self.state.features(t, n)
+            for t in later_layers(self.moe_layers, layer, self.distance)
+        }
         self.state.update(layer, topk)
         return out
 

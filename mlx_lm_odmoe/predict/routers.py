@@ -25,7 +25,9 @@ def router_prior(model, layer: int, x: mx.array) -> mx.array:
         z = x.astype(gate.weight.dtype) @ gate.weight.T
         return mx.sigmoid(z.astype(mx.float32)) + gate.e_score_correction_bias
     logits = gate(x.astype(_dtype_of(gate)))
-    return logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+    return logits.astype(mx.float32) - mx.logsumexp(
+        logits.astype(mx.float32), axis=-1, keepdims=True
+    )
 
 
 def router_scores(model, layer: int, x: mx.array) -> mx.array:

@@ -42,13 +42,19 @@ WEIGHTS_NAME = "shadow.safetensors"
 CONFIG_NAME = "shadow.json"
 
 
-def parameter_count(hidden_size: int, num_experts: int, num_moe_layers: int, distance: int, rank: int) -> int:
+def parameter_count(
+    hidden_size: int, num_experts: int, num_moe_layers: int, distance: int, rank: int
+) -> int:
     """Parameters of a shadow model of this shape."""
     total = 0
     for i in range(num_moe_layers):
         n = min(distance, num_moe_layers - 1 - i)
         if n:
-            total += (hidden_size + num_experts + 1) * rank + n * (rank * num_experts + num_experts) + 2 * n
+            total += (
+                (hidden_size + num_experts + 1) * rank
+                + n * (rank * num_experts + num_experts)
+                + 2 * n
+            )
     return total
 
 
@@ -84,7 +90,9 @@ class ShadowNet(nn.Module):
         n = [len(later_layers(layers, l, config["distance"])) for l in layers]
         self.sources = [l for l, k in zip(layers, n) if k]
         self.layers = [
-            ShadowLayer(config["hidden_size"], config["num_experts"], k, config["rank"]) for k in n if k
+            ShadowLayer(config["hidden_size"], config["num_experts"], k, config["rank"])
+            for k in n
+            if k
         ]
 
     def layer_for(self, source: int) -> ShadowLayer:
@@ -111,7 +119,12 @@ class ShadowModel(ExpertPredictor):
         self.state = PreviousTokenState(net.config["num_experts"])
         self._steps = {}
         E, D = net.config["num_experts"], net.config["hidden_size"]
-        fused = sum(len(later_layers(self.moe_layers, l, self.distance)) for l in net.sources) * E * D * 4
+        fused = (
+            sum(len(later_layers(self.moe_layers, l, self.distance)) for l in net.sources)
+            * E
+            * D
+            * 4
+        )
         self._fuse = fused <= self.fuse_limit_bytes
         self._host_last, self._host_plans = {}, {}
         self.on_host = self._fuse and D * (net.config["rank"] + E) <= self.host_limit_macs
@@ -131,7 +144,9 @@ class ShadowModel(ExpertPredictor):
         if targets:
             n, k = topk.shape
             prev = [self.state.ids(t, n, k) for t in targets]
-            prev = prev[0][:, None] if len(prev) == 1 else mx.stack(prev, axis=1)  # a view, not a copy
+            prev = (
+                prev[0][:, None] if len(prev) == 1 else mx.stack(prev, axis=1)
+            )  # a view, not a copy
             x = hidden if hidden.dtype == mx.float32 else hidden.astype(mx.float32)
             res = self._step(layer, tuple(targets), select)(x, topk, prev)
             out = {t: res[:, j] for j, t in enumerate(targets)}
@@ -153,13 +168,18 @@ class ShadowModel(ExpertPredictor):
             return logits if select is None else select_guesses(logits, k, select)
 
         if not self._fuse:
+
             def step(x, cur, prev):
                 prior = mx.stack([router_prior(self.model, t, x) for t in targets], axis=1)
-                return finish(net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E)), cur.shape[-1])
+                return finish(
+                    net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E)), cur.shape[-1]
+                )
 
             return step
         f = self._folded(layer, targets)
-        wx, proj_b, emb, head_w, head_b, a, p = (f[n] for n in ("wx", "proj_b", "emb", "head_w", "head_b", "a", "p"))
+        wx, proj_b, emb, head_w, head_b, a, p = (
+            f[n] for n in ("wx", "proj_b", "emb", "head_w", "head_b", "a", "p")
+        )
         bias, sigmoid, m, r = f["bias"], f["sigmoid"], f["m"], f["r"]
 
         @mx.compile
@@ -175,7 +195,11 @@ class ShadowModel(ExpertPredictor):
                 # The log-softmax's normalizer is a per-row constant: neither
                 # the top-k nor the softmax of the guesses can see it.
                 prior = z
-            out = mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E) + a * prior + p * multi_hot(prev, E)
+            out = (
+                mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E)
+                + a * prior
+                + p * multi_hot(prev, E)
+            )
             return finish(out, cur.shape[-1])
 
         return fast
@@ -193,9 +217,13 @@ class ShadowModel(ExpertPredictor):
         m, r = len(targets), net_layer.proj.weight.shape[0]
         f = dict(
             wx=mx.concatenate([net_layer.proj.weight.T, weight], axis=1),
-            proj_b=net_layer.proj.bias, emb=net_layer.experts.weight.T,
-            head_w=net_layer.head.weight[: m * E].T, head_b=net_layer.head.bias[: m * E],
-            a=net_layer.prior_scale[:m, None], p=net_layer.prev_scale[:m, None], bias=bias,
+            proj_b=net_layer.proj.bias,
+            emb=net_layer.experts.weight.T,
+            head_w=net_layer.head.weight[: m * E].T,
+            head_b=net_layer.head.bias[: m * E],
+            a=net_layer.prior_scale[:m, None],
+            p=net_layer.prev_scale[:m, None],
+            bias=bias,
         )
         mx.eval(f)
         return {**f, "sigmoid": sigmoid, "m": m, "r": r, "E": E}
@@ -206,7 +234,9 @@ class ShadowModel(ExpertPredictor):
     # kernels, a few in numpy. The block then evaluates only the layer's
     # input with the router and calls these after the sync.
 
-    def host_guesses(self, layer, hidden: np.ndarray, topk: np.ndarray, distance: int, min_prob: float = 0.0):
+    def host_guesses(
+        self, layer, hidden: np.ndarray, topk: np.ndarray, distance: int, min_prob: float = 0.0
+    ):
         plan = self._host_plans.get((layer, distance))
         if plan is None:
             targets = tuple(later_layers(self.moe_layers, layer, min(distance, self.distance)))
@@ -219,7 +249,12 @@ class ShadowModel(ExpertPredictor):
             n, k = topk.shape
             prev = [self._host_prev(t, n, k) for t in targets]
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
-            ids = step(hidden if hidden.dtype == np.float32 else hidden.astype(np.float32), topk, prev, min_prob)
+            ids = step(
+                hidden if hidden.dtype == np.float32 else hidden.astype(np.float32),
+                topk,
+                prev,
+                min_prob,
+            )
             out = {t: ids[:, j] for j, t in enumerate(targets)}
         self._host_last[layer] = topk
         return out
@@ -248,7 +283,9 @@ class _HostStep:
     top-k guesses (ids below ``min_prob`` become -1)."""
 
     def __init__(self, folded: dict):
-        self.__dict__.update({k: np.array(v) if isinstance(v, mx.array) else v for k, v in folded.items()})
+        self.__dict__.update(
+            {k: np.array(v) if isinstance(v, mx.array) else v for k, v in folded.items()}
+        )
 
     def __call__(self, x, cur, prev, min_prob):
         n, m, E, r = x.shape[0], self.m, self.E, self.r
@@ -291,8 +328,14 @@ def fused_routers(model, targets):
     for t in targets:
         gate = gate_of(model, t)
         if "scales" in gate:
-            w = mx.dequantize(gate.weight, gate.scales, gate.get("biases"), gate.group_size, gate.bits,
-                              mode=getattr(gate, "mode", "affine"))
+            w = mx.dequantize(
+                gate.weight,
+                gate.scales,
+                gate.get("biases"),
+                gate.group_size,
+                gate.bits,
+                mode=getattr(gate, "mode", "affine"),
+            )
         else:
             w = gate.weight
         ws.append(w.astype(mx.float32))

@@ -46,16 +46,22 @@ class Counts:
 
     def as_dict(self, record_nbytes: int = 0) -> dict:
         d = asdict(self)
-        d.update(hit_rate=self.hit_rate, wasted_per_miss=self.wasted_per_miss,
-                 miss_bytes=self.misses * record_nbytes, wasted_bytes=self.wasted * record_nbytes,
-                 bytes_read=(self.misses + self.prefetches) * record_nbytes)
+        d.update(
+            hit_rate=self.hit_rate,
+            wasted_per_miss=self.wasted_per_miss,
+            miss_bytes=self.misses * record_nbytes,
+            wasted_bytes=self.wasted * record_nbytes,
+            bytes_read=(self.misses + self.prefetches) * record_nbytes,
+        )
         return d
 
 
 class SimCache:
     """Every MoE layer's resident set, as :class:`CachedStore` manages it."""
 
-    def __init__(self, slots: Dict[int, int], policy: CachePolicy, staging: Optional[Dict[int, int]] = None):
+    def __init__(
+        self, slots: Dict[int, int], policy: CachePolicy, staging: Optional[Dict[int, int]] = None
+    ):
         self.slots, self.policy = dict(slots), policy
         self.staging_slots = dict(staging or {})
         self.resident: Dict[int, set] = {l: set() for l in slots}
@@ -112,19 +118,30 @@ class SimCache:
         return self.counts
 
 
-def uniform_slots(moe_layers: List[int], num_experts: int, residency: float, top_k: int) -> Dict[int, int]:
+def uniform_slots(
+    moe_layers: List[int], num_experts: int, residency: float, top_k: int
+) -> Dict[int, int]:
     """``residency`` x E slots in every layer (at least top-k)."""
     n = max(top_k, int(round(residency * num_experts)))
     return {l: n for l in moe_layers}
 
 
-def hit_curves(trace: Trace, policy_factory: Callable[[], CachePolicy] = LRUPolicy) -> Dict[int, list]:
+def hit_curves(
+    trace: Trace, policy_factory: Callable[[], CachePolicy] = LRUPolicy
+) -> Dict[int, list]:
     """Per layer, hits at every slot count from top-k to E (index = slots)."""
     k, E = trace.top_k, trace.num_experts
     curves = {}
     for i, l in enumerate(trace.moe_layers):
-        one = Trace(trace.hidden[i : i + 1], trace.topk[i : i + 1], trace.tokens, trace.seq,
-                    trace.generated, [l], E)
+        one = Trace(
+            trace.hidden[i : i + 1],
+            trace.topk[i : i + 1],
+            trace.tokens,
+            trace.seq,
+            trace.generated,
+            [l],
+            E,
+        )
         curves[l] = [0] * k + [run(one, {l: n}, policy_factory()).hits for n in range(k, E + 1)]
     return curves
 
@@ -142,7 +159,9 @@ def allocate_slots(curves: Dict[int, list], total: int, top_k: int) -> Dict[int,
     return slots
 
 
-def predictions(predictor, trace: Trace, lead: int, width: int, min_prob: float = 0.0) -> np.ndarray:
+def predictions(
+    predictor, trace: Trace, lead: int, width: int, min_prob: float = 0.0
+) -> np.ndarray:
     """[Lm, T, width]: at row j, each position's top-``width`` experts for
     MoE layer j as predicted at layer j - ``lead`` (-1 where there is none).
 
@@ -169,8 +188,14 @@ def predictions(predictor, trace: Trace, lead: int, width: int, min_prob: float 
     return out
 
 
-def run(trace: Trace, slots: Dict[int, int], policy: CachePolicy, staged: Optional[np.ndarray] = None,
-        staging: int = 0, lead: int = 1) -> Counts:
+def run(
+    trace: Trace,
+    slots: Dict[int, int],
+    policy: CachePolicy,
+    staged: Optional[np.ndarray] = None,
+    staging: int = 0,
+    lead: int = 1,
+) -> Counts:
     """Replay ``trace`` token by token (one request per layer per token).
 
     ``staged`` (from :func:`predictions` with the same ``lead``) turns on

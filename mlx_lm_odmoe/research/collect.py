@@ -21,12 +21,29 @@ def build_parser():
     )
     p.add_argument("model", help="model folder (odmoe or stock mlx-lm MoE checkpoint)")
     p.add_argument("--out", required=True, help="output .npz trace file")
-    p.add_argument("--heldout", help="held-out token ids (.npy, 1-D); random tokens if omitted (smoke tests only)")
-    p.add_argument("--chunks", type=int, default=32, help="teacher-forced held-out chunks (default 32)")
-    p.add_argument("--chunk-len", type=int, default=256, help="tokens per teacher-forced chunk (default 256)")
+    p.add_argument(
+        "--heldout",
+        help="held-out token ids (.npy, 1-D); random tokens if omitted (smoke tests only)",
+    )
+    p.add_argument(
+        "--chunks", type=int, default=32, help="teacher-forced held-out chunks (default 32)"
+    )
+    p.add_argument(
+        "--chunk-len", type=int, default=256, help="tokens per teacher-forced chunk (default 256)"
+    )
     p.add_argument("--generate", type=int, default=16, help="sampled continuations (default 16)")
-    p.add_argument("--prompt-len", type=int, default=64, help="held-out prompt tokens per continuation (default 64)")
-    p.add_argument("--max-tokens", type=int, default=192, help="tokens generated per continuation (default 192)")
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        default=64,
+        help="held-out prompt tokens per continuation (default 64)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=192,
+        help="tokens generated per continuation (default 192)",
+    )
     p.add_argument("--temp", type=float, default=0.8, help="sampling temperature (default 0.8)")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -57,8 +74,10 @@ def read_heldout(parser, args) -> np.ndarray:
     except (OSError, ValueError) as e:
         parser.error(f"--heldout {args.heldout}: cannot read it as a .npy array ({e})")
     if heldout.ndim != 1 or not np.issubdtype(heldout.dtype, np.integer):
-        parser.error(f"--heldout {args.heldout}: expected a 1-D array of token ids, "
-                     f"got {heldout.dtype} of shape {heldout.shape}")
+        parser.error(
+            f"--heldout {args.heldout}: expected a 1-D array of token ids, "
+            f"got {heldout.dtype} of shape {heldout.shape}"
+        )
     n, pieces = len(heldout), args.chunks + args.generate
     lengths = {"--chunk-len": args.chunk_len, "--prompt-len": args.prompt_len}
     piece = max(lengths.values())
@@ -91,15 +110,25 @@ def run(args, model_path, heldout=None):
         heldout = np.random.default_rng(args.seed).integers(0, vocab, n)
     t0 = time.perf_counter()
     trace = collect(
-        model, heldout, chunks=args.chunks, chunk_len=args.chunk_len, generate=args.generate,
-        prompt_len=args.prompt_len, max_tokens=args.max_tokens, temp=args.temp, batch=args.batch,
-        seed=args.seed, progress=not args.quiet,
+        model,
+        heldout,
+        chunks=args.chunks,
+        chunk_len=args.chunk_len,
+        generate=args.generate,
+        prompt_len=args.prompt_len,
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        batch=args.batch,
+        seed=args.seed,
+        progress=not args.quiet,
     )
     trace.source = str(args.model)
     trace.save(args.out)
     n, g = len(trace.tokens), int(trace.generated.sum())
-    print(f"{args.out}: {n} tokens ({n - g} held-out, {g} generated) x {len(trace.moe_layers)} MoE layers, "
-          f"top-{trace.top_k} of {trace.num_experts} experts, {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{args.out}: {n} tokens ({n - g} held-out, {g} generated) x {len(trace.moe_layers)} MoE layers, "
+        f"top-{trace.top_k} of {trace.num_experts} experts, {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

@@ -26,7 +26,9 @@ def predictors_for(model, model_dir, trace: Trace, distance: int, shadow_dir=Non
     out = [
         RouterLookahead(model, layers, distance),
         PreviousToken(layers, trace.num_experts, distance),
-        MostFrequent.fit(trace, distance, mask=~eval_mask(trace) & (True if split is None else split)),
+        MostFrequent.fit(
+            trace, distance, mask=~eval_mask(trace) & (True if split is None else split)
+        ),
     ]
     shadow = load_predictor(model, shadow_dir or model_dir)
     if shadow is not None:
@@ -40,12 +42,20 @@ def build_parser():
         prog="mlx_lm_odmoe.eval_predictors",
         description="Recall of the true top-k experts at 1..d layers ahead for every expert predictor.",
     )
-    p.add_argument("model", help="model folder the traces came from (its shadow model is used if present)")
+    p.add_argument(
+        "model", help="model folder the traces came from (its shadow model is used if present)"
+    )
     p.add_argument("--traces", required=True, help="trace file (.npz) from mlx_lm_odmoe.collect")
     p.add_argument("--distance", type=int, default=4, help="largest distance to score (default 4)")
-    p.add_argument("--split", choices=("generated", "heldout"), default="generated",
-                   help="score generated tokens (default) or teacher-forced held-out text")
-    p.add_argument("--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)")
+    p.add_argument(
+        "--split",
+        choices=("generated", "heldout"),
+        default="generated",
+        help="score generated tokens (default) or teacher-forced held-out text",
+    )
+    p.add_argument(
+        "--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.add_argument("--plot", help="write a PNG of recall vs distance here")
     return p
@@ -67,19 +77,34 @@ def main(argv=None):
     results = evaluate(predictors, trace, positions)
     for p in predictors:
         results[p.name]["ms_per_token"] = 1e3 * time_per_token(p, trace)
-    report = {"model": str(args.model), "traces": str(args.traces), "split": args.split,
-              "tokens": int(positions.sum()), "top_k": trace.top_k, "num_experts": trace.num_experts,
-              "predictors": results}
+    report = {
+        "model": str(args.model),
+        "traces": str(args.traces),
+        "split": args.split,
+        "tokens": int(positions.sum()),
+        "top_k": trace.top_k,
+        "num_experts": trace.num_experts,
+        "predictors": results,
+    }
     if args.plot:
-        plot(results, trace.top_k, args.plot, f"{args.model.rstrip('/').split('/')[-1]}: {args.split} text")
+        plot(
+            results,
+            trace.top_k,
+            args.plot,
+            f"{args.model.rstrip('/').split('/')[-1]}: {args.split} text",
+        )
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{report['tokens']} {args.split} tokens, top-{trace.top_k} of {trace.num_experts} experts "
-              f"({time.perf_counter() - t0:.1f} s)\n")
+        print(
+            f"{report['tokens']} {args.split} tokens, top-{trace.top_k} of {trace.num_experts} experts "
+            f"({time.perf_counter() - t0:.1f} s)\n"
+        )
         print(markdown_table(results, trace.top_k))
-        print("\npredictor time per decode token (all MoE layers, median): " + ", ".join(
-            f"{n} {r['ms_per_token']:.3f} ms" for n, r in results.items()))
+        print(
+            "\npredictor time per decode token (all MoE layers, median): "
+            + ", ".join(f"{n} {r['ms_per_token']:.3f} ms" for n, r in results.items())
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ class RecallCounter:
 
     def recall(self) -> Dict[int, Dict[int, float]]:
         """{width: {distance: recall}}."""
-        return {w: {d: self.hits[(d, w)] / n for d, n in sorted(self.count.items())} for w in self.widths}
+        return {
+            w: {d: self.hits[(d, w)] / n for d, n in sorted(self.count.items())}
+            for w in self.widths
+        }
 
 
 def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable):
@@ -53,7 +56,9 @@ def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable):
             idx = rows + t
             scored = positions[idx]
             for i, l in enumerate(layers):
-                out = predictor.predict(l, mx.array(trace.hidden[i, idx]), mx.array(trace.topk[i, idx]))
+                out = predictor.predict(
+                    l, mx.array(trace.hidden[i, idx]), mx.array(trace.topk[i, idx])
+                )
                 if not scored.any() or not out:
                     continue
                 mx.eval(out)
@@ -83,7 +88,11 @@ def time_per_token(predictor, trace: Trace, tokens: int = 200, warmup: int = 20)
     for t in range(min(tokens + warmup, len(trace.tokens))):
         t0 = time.perf_counter()
         for i, l in enumerate(layers):
-            mx.eval(predictor.predict(l, mx.array(trace.hidden[i, t : t + 1]), mx.array(trace.topk[i, t : t + 1])))
+            mx.eval(
+                predictor.predict(
+                    l, mx.array(trace.hidden[i, t : t + 1]), mx.array(trace.topk[i, t : t + 1])
+                )
+            )
         times.append(time.perf_counter() - t0)
     predictor.reset()
     return float(np.median(times[warmup:]))
@@ -93,9 +102,21 @@ def markdown_table(results: Dict[str, dict], top_k: int) -> str:
     """Predictors as rows, (distance, width) as columns, recall in percent."""
     first = next(iter(results.values()))
     widths = [int(key.split("@")[1]) for key in first if key.startswith("recall@")]
-    distances = sorted({d for r in results.values() for key, v in r.items() if key.startswith("recall@") for d in v})
+    distances = sorted(
+        {
+            d
+            for r in results.values()
+            for key, v in r.items()
+            if key.startswith("recall@")
+            for d in v
+        }
+    )
     cols = [(d, w) for d in distances for w in widths]
-    head = "| predictor | " + " | ".join(f"d={d} @{'k' if w == top_k else f'{w // top_k}k'}" for d, w in cols) + " |"
+    head = (
+        "| predictor | "
+        + " | ".join(f"d={d} @{'k' if w == top_k else f'{w // top_k}k'}" for d, w in cols)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
         cells = [f"{100 * r[f'recall@{w}'].get(d, float('nan')):.1f}" for d, w in cols]
@@ -120,7 +141,17 @@ def plot(results: Dict[str, dict], top_k: int, path, title: str = "") -> None:
     ax.set_xlabel("distance (MoE layers ahead)")
     ax.set_ylabel("recall of the true top-k (%)")
     ax.set_ylim(0, 100)
-    ax.set_xticks(sorted({d for r in results.values() for key, v in r.items() if key.startswith("recall@") for d in v}))
+    ax.set_xticks(
+        sorted(
+            {
+                d
+                for r in results.values()
+                for key, v in r.items()
+                if key.startswith("recall@")
+                for d in v
+            }
+        )
+    )
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)

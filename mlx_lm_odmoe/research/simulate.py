@@ -38,20 +38,34 @@ def policy_rows(trace: Trace, train: Trace, residencies: List[float]) -> List[Tu
     k, E, layers = trace.top_k, trace.num_experts, trace.moe_layers
     rows = []
     for name, factory in POLICIES.items():
-        rows.append((name, {r: run(trace, uniform_slots(layers, E, r, k), factory()) for r in residencies}))
+        rows.append(
+            (name, {r: run(trace, uniform_slots(layers, E, r, k), factory()) for r in residencies})
+        )
     curves = hit_curves(train.select(np.arange(len(train.tokens)) < 3000))
     per_layer = {}
     for r in residencies:
         total = sum(uniform_slots(layers, E, r, k).values())
         per_layer[r] = run(trace, allocate_slots(curves, total, k), LRUPolicy())
     rows.append(("lru, per-layer budget", per_layer))
-    rows.append(("belady (oracle bound)", {r: run(trace, uniform_slots(layers, E, r, k), BeladyPolicy())
-                                           for r in residencies}))
+    rows.append(
+        (
+            "belady (oracle bound)",
+            {r: run(trace, uniform_slots(layers, E, r, k), BeladyPolicy()) for r in residencies},
+        )
+    )
     return rows
 
 
-def prefetch_rows(trace: Trace, predictors, policies: Dict[str, Callable], residencies, staging: int,
-                  width: int, min_prob: float, lead: int = 1) -> List[Tuple[str, dict]]:
+def prefetch_rows(
+    trace: Trace,
+    predictors,
+    policies: Dict[str, Callable],
+    residencies,
+    staging: int,
+    width: int,
+    min_prob: float,
+    lead: int = 1,
+) -> List[Tuple[str, dict]]:
     k, E, layers = trace.top_k, trace.num_experts, trace.moe_layers
     rows = []
     for p in predictors:
@@ -70,7 +84,11 @@ def prefetch_rows(trace: Trace, predictors, policies: Dict[str, Callable], resid
 def markdown(rows, residencies, lru: dict) -> str:
     """Hit rate, lift over LRU (points), wasted/miss bytes and bytes read
     relative to LRU, per residency."""
-    head = "| policy | " + " | ".join(f"{100 * r:g}%: hit | lift | wasted/miss | reads/LRU" for r in residencies) + " |"
+    head = (
+        "| policy | "
+        + " | ".join(f"{100 * r:g}%: hit | lift | wasted/miss | reads/LRU" for r in residencies)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (1 + 4 * len(residencies))]
     for name, res in rows:
         cells = []
@@ -90,16 +108,40 @@ def build_parser():
         description="Trace-driven expert cache simulation: hit rate per policy and residency, with and without prefetch.",
     )
     p.add_argument("traces", help="trace file (.npz) from mlx_lm_odmoe.collect")
-    p.add_argument("--model", help="model folder, for the router lookahead and shadow predictors (default: the traced one)")
-    p.add_argument("--residency", type=float, nargs="+", default=[0.5, 0.25, 0.125],
-                   help="cache slots per layer as a share of the experts (default 0.5 0.25 0.125)")
-    p.add_argument("--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)")
-    p.add_argument("--staging", type=int, help="prefetch staging slots per layer, out of the budget (default k)")
-    p.add_argument("--width", type=int, help="experts prefetched per prediction at most (default k)")
-    p.add_argument("--min-prob", type=float, default=0.1,
-                   help="skip shadow-model guesses below this probability (default 0.1)")
-    p.add_argument("--split", choices=("all", "generated"), default="all",
-                   help="replay all evaluation sequences (default) or only the generated ones")
+    p.add_argument(
+        "--model",
+        help="model folder, for the router lookahead and shadow predictors (default: the traced one)",
+    )
+    p.add_argument(
+        "--residency",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.25, 0.125],
+        help="cache slots per layer as a share of the experts (default 0.5 0.25 0.125)",
+    )
+    p.add_argument(
+        "--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)"
+    )
+    p.add_argument(
+        "--staging",
+        type=int,
+        help="prefetch staging slots per layer, out of the budget (default k)",
+    )
+    p.add_argument(
+        "--width", type=int, help="experts prefetched per prediction at most (default k)"
+    )
+    p.add_argument(
+        "--min-prob",
+        type=float,
+        default=0.1,
+        help="skip shadow-model guesses below this probability (default 0.1)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("all", "generated"),
+        default="all",
+        help="replay all evaluation sequences (default) or only the generated ones",
+    )
     p.add_argument("--no-prefetch", action="store_true", help="policies only (no model needed)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--markdown", help="also write the table to this file")
@@ -122,15 +164,34 @@ def main(argv=None):
     candidates = [(n, r) for n, r in rows if n in POLICIES]
     best = max(candidates, key=lambda nr: sum(c.hit_rate for c in nr[1].values()))[0]
     if not args.no_prefetch:
-        rows += prefetch_rows(trace, _predictors(args.model or full.source, full, args.shadow),
-                              {"lru": LRUPolicy, **({best: POLICIES[best]} if best != "lru" else {})},
-                              args.residency, staging, width, args.min_prob)
-    title = (f"{len(trace.tokens)} tokens ({args.split} evaluation sequences), top-{k} of "
-             f"{trace.num_experts} experts, {len(trace.moe_layers)} MoE layers; best plain policy: {best}")
+        rows += prefetch_rows(
+            trace,
+            _predictors(args.model or full.source, full, args.shadow),
+            {"lru": LRUPolicy, **({best: POLICIES[best]} if best != "lru" else {})},
+            args.residency,
+            staging,
+            width,
+            args.min_prob,
+        )
+    title = (
+        f"{len(trace.tokens)} tokens ({args.split} evaluation sequences), top-{k} of "
+        f"{trace.num_experts} experts, {len(trace.moe_layers)} MoE layers; best plain policy: {best}"
+    )
     table = markdown(rows, args.residency, lru)
     if args.json:
-        print(json.dumps({"title": title, "best_policy": best, "rows": [
-            {"name": n, "results": {str(r): c.as_dict() for r, c in res.items()}} for n, res in rows]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "title": title,
+                    "best_policy": best,
+                    "rows": [
+                        {"name": n, "results": {str(r): c.as_dict() for r, c in res.items()}}
+                        for n, res in rows
+                    ],
+                },
+                indent=1,
+            )
+        )
     else:
         print(f"{title} ({time.perf_counter() - t0:.0f} s)\n\n{table}")
     if args.markdown:

@@ -43,24 +43,43 @@ class Trace:
 
     def save(self, path) -> None:
         np.savez(
-            path, hidden=self.hidden, topk=self.topk, tokens=self.tokens, seq=self.seq,
-            generated=self.generated, moe_layers=np.array(self.moe_layers, dtype=np.int32),
-            num_experts=np.int32(self.num_experts), source=np.array(self.source),
+            path,
+            hidden=self.hidden,
+            topk=self.topk,
+            tokens=self.tokens,
+            seq=self.seq,
+            generated=self.generated,
+            moe_layers=np.array(self.moe_layers, dtype=np.int32),
+            num_experts=np.int32(self.num_experts),
+            source=np.array(self.source),
         )
 
     @classmethod
     def load(cls, path) -> "Trace":
         with np.load(path) as f:
             return cls(
-                hidden=f["hidden"], topk=f["topk"].astype(np.int64), tokens=f["tokens"], seq=f["seq"],
-                generated=f["generated"], moe_layers=[int(l) for l in f["moe_layers"]],
-                num_experts=int(f["num_experts"]), source=str(f["source"]) if "source" in f else "",
+                hidden=f["hidden"],
+                topk=f["topk"].astype(np.int64),
+                tokens=f["tokens"],
+                seq=f["seq"],
+                generated=f["generated"],
+                moe_layers=[int(l) for l in f["moe_layers"]],
+                num_experts=int(f["num_experts"]),
+                source=str(f["source"]) if "source" in f else "",
             )
 
     def select(self, mask: np.ndarray) -> "Trace":
         """The tokens where ``mask`` holds (whole sequences keep their order)."""
-        return Trace(self.hidden[:, mask], self.topk[:, mask], self.tokens[mask], self.seq[mask],
-                     self.generated[mask], self.moe_layers, self.num_experts, self.source)
+        return Trace(
+            self.hidden[:, mask],
+            self.topk[:, mask],
+            self.tokens[mask],
+            self.seq[mask],
+            self.generated[mask],
+            self.moe_layers,
+            self.num_experts,
+            self.source,
+        )
 
     def sequences(self):
         """(start, stop) of every sequence, in order."""
@@ -130,7 +149,9 @@ def run_teacher_forced(model, chunks: np.ndarray, batch: int = 8, progress=None)
             toks = chunks[i : i + batch]
             mx.eval(model(mx.array(toks)))
             h, t = rec.take(layers)
-            pieces += [(h[:, b], t[:, b], toks[b], np.zeros(toks.shape[1], bool)) for b in range(len(toks))]
+            pieces += [
+                (h[:, b], t[:, b], toks[b], np.zeros(toks.shape[1], bool)) for b in range(len(toks))
+            ]
             if progress is not None:
                 progress.update(toks.size)
     return pieces
@@ -152,7 +173,11 @@ def run_generation(model, prompts: np.ndarray, max_tokens: int, temp: float = 0.
         h, t = rec.take(layers)
         hs.append(h), ts.append(t)
         for _ in range(max_tokens):
-            y = mx.random.categorical(logits[:, -1] / temp) if temp > 0 else logits[:, -1].argmax(-1)
+            y = (
+                mx.random.categorical(logits[:, -1] / temp)
+                if temp > 0
+                else logits[:, -1].argmax(-1)
+            )
             y = y[:, None].astype(mx.int32)
             logits = model(y, cache=cache)
             h, t = rec.take(layers)
@@ -177,9 +202,19 @@ def assemble(pieces, moe_layers: List[int], num_experts: int) -> Trace:
     )
 
 
-def collect(model, heldout: np.ndarray, chunks: int = 32, chunk_len: int = 256, generate: int = 16,
-            prompt_len: int = 64, max_tokens: int = 192, temp: float = 0.8, batch: int = 8,
-            seed: int = 0, progress: bool = True) -> Trace:
+def collect(
+    model,
+    heldout: np.ndarray,
+    chunks: int = 32,
+    chunk_len: int = 256,
+    generate: int = 16,
+    prompt_len: int = 64,
+    max_tokens: int = 192,
+    temp: float = 0.8,
+    batch: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> Trace:
     """Teacher-forced ``chunks`` of held-out text plus ``generate`` sampled
     continuations. Prompts come from the held-out text after the chunks, so
     the two kinds never overlap."""

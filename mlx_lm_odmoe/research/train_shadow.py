@@ -43,7 +43,9 @@ def layer_features(model, trace: Trace, distance: int, chunk: int = 4096):
         x = mx.array(trace.hidden[i]).astype(mx.float32)
         prior = []
         for s in range(0, x.shape[0], chunk):
-            prior.append(mx.stack([router_prior(model, t, x[s : s + chunk]) for t in targets], axis=1))
+            prior.append(
+                mx.stack([router_prior(model, t, x[s : s + chunk]) for t in targets], axis=1)
+            )
             mx.eval(prior[-1])
         rows = [layers.index(t) for t in targets]
         feats[l] = (
@@ -68,12 +70,25 @@ def layer_loss(layer, x, cur_ids, prior, prev_ids, tgt_ids, weight, num_experts)
 
 def total_loss(net, feats, weight, idx, num_experts):
     w = weight[idx]
-    losses = [layer_loss(net.layer_for(l), *(a[idx] for a in f), w, num_experts) for l, f in feats.items()]
+    losses = [
+        layer_loss(net.layer_for(l), *(a[idx] for a in f), w, num_experts) for l, f in feats.items()
+    ]
     return sum(losses) / len(losses)
 
 
-def train(model, trace: Trace, distance: int = 4, rank: int = 64, epochs: int = 30, batch: int = 256,
-          lr: float = 2e-3, weight_decay: float = 0.01, seed: int = 0, generated_weight: float = 1.0, log=print):
+def train(
+    model,
+    trace: Trace,
+    distance: int = 4,
+    rank: int = 64,
+    epochs: int = 30,
+    batch: int = 256,
+    lr: float = 2e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    generated_weight: float = 1.0,
+    log=print,
+):
     """Train a :class:`ShadowNet`; returns (net, info dict).
 
     ``generated_weight`` weighs the loss on generated tokens against
@@ -82,8 +97,12 @@ def train(model, trace: Trace, distance: int = 4, rank: int = 64, epochs: int = 
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     config = {
-        "hidden_size": int(trace.hidden.shape[-1]), "num_experts": trace.num_experts, "top_k": trace.top_k,
-        "moe_layers": list(trace.moe_layers), "distance": distance, "rank": rank,
+        "hidden_size": int(trace.hidden.shape[-1]),
+        "num_experts": trace.num_experts,
+        "top_k": trace.top_k,
+        "moe_layers": list(trace.moe_layers),
+        "distance": distance,
+        "rank": rank,
     }
     net = ShadowNet(config)
     train_mask = ~eval_mask(trace)
@@ -96,8 +115,12 @@ def train(model, trace: Trace, distance: int = 4, rank: int = 64, epochs: int = 
     val_idx = mx.array(np.flatnonzero(train_mask & val_seqs))
 
     steps = epochs * math.ceil(len(fit_idx) / batch)
-    opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, steps, lr * 0.05), weight_decay=weight_decay)
-    loss_and_grad = nn.value_and_grad(net, lambda n, idx: total_loss(n, feats, weight, idx, trace.num_experts))
+    opt = optim.AdamW(
+        learning_rate=optim.cosine_decay(lr, steps, lr * 0.05), weight_decay=weight_decay
+    )
+    loss_and_grad = nn.value_and_grad(
+        net, lambda n, idx: total_loss(n, feats, weight, idx, trace.num_experts)
+    )
 
     def step(idx):
         loss, grads = loss_and_grad(net, idx)
@@ -113,13 +136,22 @@ def train(model, trace: Trace, distance: int = 4, rank: int = 64, epochs: int = 
             losses.append(step(mx.array(order[s : s + batch])))
             mx.eval(net.parameters(), opt.state)
         val = float(total_loss(net, feats, weight, val_idx, trace.num_experts))
-        log(f"epoch {epoch:2d}  train loss {np.mean([float(l) for l in losses]):.4f}  val loss {val:.4f}")
+        log(
+            f"epoch {epoch:2d}  train loss {np.mean([float(l) for l in losses]):.4f}  val loss {val:.4f}"
+        )
         if val < best[0]:
             best = (val, epoch, tree_map(lambda a: a, net.parameters()))
     net.update(best[2])
     mx.eval(net.parameters())
-    info = {"best_epoch": best[1], "val_loss": best[0], "train_tokens": int(len(fit_idx)),
-            "val_tokens": int(val_idx.size), "seed": seed, "epochs": epochs, "generated_weight": generated_weight}
+    info = {
+        "best_epoch": best[1],
+        "val_loss": best[0],
+        "train_tokens": int(len(fit_idx)),
+        "val_tokens": int(val_idx.size),
+        "seed": seed,
+        "epochs": epochs,
+        "generated_weight": generated_weight,
+    }
     return net, info
 
 
@@ -130,18 +162,34 @@ def build_parser():
     )
     p.add_argument("model", help="model folder the traces came from")
     p.add_argument("--traces", required=True, help="trace file (.npz) from mlx_lm_odmoe.collect")
-    p.add_argument("--distance", type=int, default=4, help="how many later MoE layers to predict (default 4)")
-    p.add_argument("--rank", type=int, default=64, help="width of the shared projection (default 64)")
+    p.add_argument(
+        "--distance", type=int, default=4, help="how many later MoE layers to predict (default 4)"
+    )
+    p.add_argument(
+        "--rank", type=int, default=64, help="width of the shared projection (default 64)"
+    )
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     p.add_argument("--batch", type=int, default=256, help="tokens per step (default 256)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)")
-    p.add_argument("--generated-weight", type=float, default=1.0,
-                   help="loss weight of generated tokens relative to held-out text (default 1)")
-    p.add_argument("--out", help="folder for shadow.safetensors/shadow.json, created if need be "
-                   "(default: the model folder)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a shadow model already in the --out folder (kept as *.bak)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="initialisation and shuffling seed (default 0)"
+    )
+    p.add_argument(
+        "--generated-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of generated tokens relative to held-out text (default 1)",
+    )
+    p.add_argument(
+        "--out",
+        help="folder for shadow.safetensors/shadow.json, created if need be "
+        "(default: the model folder)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a shadow model already in the --out folder (kept as *.bak)",
+    )
     return p
 
 
@@ -184,17 +232,28 @@ def run(args, model_path: Path, out: Path, replaced):
     model, _ = mlx_lm_odmoe.load(model_path, expert_cache="min")
     trace = Trace.load(args.traces)
     t0 = time.perf_counter()
-    net, info = train(model, trace, args.distance, args.rank, args.epochs, args.batch, args.lr, seed=args.seed,
-                      generated_weight=args.generated_weight)
+    net, info = train(
+        model,
+        trace,
+        args.distance,
+        args.rank,
+        args.epochs,
+        args.batch,
+        args.lr,
+        seed=args.seed,
+        generated_weight=args.generated_weight,
+    )
     for old in replaced:  # only now that a new one is ready
         old.replace(old.with_name(old.name + ".bak"))
         print(f"kept the previous {old.name} as {old.name}.bak")
     path = save_shadow(net, out, {"training": info})
     nparams = sum(v.size for _, v in tree_flatten(net.parameters()))
     k2 = parameter_count(7168, 384, 60, args.distance, args.rank)
-    print(f"{path}: {nparams} parameters ({path.stat().st_size / 1e6:.2f} MB), best epoch {info['best_epoch']}, "
-          f"{time.perf_counter() - t0:.1f} s; at Kimi K2 scale {k2 / 1e6:.1f} M parameters "
-          f"({k2 * 4 / 1e6:.0f} MB float32)")
+    print(
+        f"{path}: {nparams} parameters ({path.stat().st_size / 1e6:.2f} MB), best epoch {info['best_epoch']}, "
+        f"{time.perf_counter() - t0:.1f} s; at Kimi K2 scale {k2 / 1e6:.1f} M parameters "
+        f"({k2 * 4 / 1e6:.0f} MB float32)"
+    )
     return 0
 
 

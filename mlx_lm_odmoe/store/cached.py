@@ -207,7 +207,9 @@ class CachedStore(ExpertStore):
             for e in experts:
                 yield (e, *self._timed_read(layer, e))
             return
-        ahead = deque((e, self._pool.submit(self._timed_read, layer, e)) for e in experts[1 : 1 + window])
+        ahead = deque(
+            (e, self._pool.submit(self._timed_read, layer, e)) for e in experts[1 : 1 + window]
+        )
         rest = iter(experts[1 + window :])
         yield (experts[0], *self._timed_read(layer, experts[0]))
         while ahead:

@@ -24,7 +24,9 @@ class MemoryStore(ExpertStore):
         layout = reader.layout
         pools = {}
         for l in layout.moe_layers:
-            experts = [record_to_arrays(reader.read(l, e), layout) for e in range(layout.num_experts)]
+            experts = [
+                record_to_arrays(reader.read(l, e), layout) for e in range(layout.num_experts)
+            ]
             pools[l] = {t.name: mx.stack([x[t.name] for x in experts]) for t in layout.tensors}
             mx.eval(pools[l])
         return cls(layout, pools, telemetry)

@@ -117,7 +117,11 @@ class LFUDecayPolicy(_Clocked):
     def _used(self, layer, expert, now):
         key = (layer, expert)
         prev = self._last.get(key)
-        count = 1.0 if prev is None else 1.0 + math.exp(self._score[key] + self.log_decay * (now - prev))
+        count = (
+            1.0
+            if prev is None
+            else 1.0 + math.exp(self._score[key] + self.log_decay * (now - prev))
+        )
         self._score[key], self._last[key] = math.log(count), now
 
     def _keep_score(self, layer, expert):

@@ -94,7 +94,9 @@ class _Files:
         while done < len(buf):
             n = os.preadv(fd, [buf[done:]], offset + done)
             if n <= 0:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
+                raise OSError(
+                    f"{path}: unexpected end of file at byte {offset + done} (truncated?)"
+                )
             done += n
         if self.drop_cache:
             os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
@@ -136,8 +138,13 @@ class ShardedFolderReader(ExpertReader):
     on first use.
     """
 
-    def __init__(self, model_dir: Path, resolve: Optional[Callable[[str], Path]] = None, verify: bool = True,
-                 drop_cache: bool = False):
+    def __init__(
+        self,
+        model_dir: Path,
+        resolve: Optional[Callable[[str], Path]] = None,
+        verify: bool = True,
+        drop_cache: bool = False,
+    ):
         self.experts_dir = Path(model_dir) / EXPERTS_DIR
         self.index_path = self.experts_dir / "index.json"
         self.layout = load_layout(self.experts_dir)
@@ -157,7 +164,12 @@ class ShardedFolderReader(ExpertReader):
         name = shard.get("file", "")
         # A bare file name: the index may not steer reads elsewhere. (Shards
         # themselves may be symlinks, as in the Hugging Face cache.)
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or Path(name).name != name
+            or "\\" in name
+        ):
             raise LayoutError(
                 f"{self.index_path}: shard {name!r} points outside {self.experts_dir}; "
                 "refusing to read it"
@@ -168,15 +180,27 @@ class ShardedFolderReader(ExpertReader):
         for l, locs in self.layout.locations.items():
             for e, (s, off, _) in enumerate(locs):
                 if not 0 <= s < len(self._names):
-                    raise LayoutError(f"{self.index_path}: layer {l} expert {e} points at shard {s}, which does not exist")
+                    raise LayoutError(
+                        f"{self.index_path}: layer {l} expert {e} points at shard {s}, which does not exist"
+                    )
 
     def _needed_size(self, shard: int) -> int:
         rec = self.layout.record_nbytes
-        return max((off + rec for locs in self.layout.locations.values() for s, off, _ in locs if s == shard), default=0)
+        return max(
+            (
+                off + rec
+                for locs in self.layout.locations.values()
+                for s, off, _ in locs
+                if s == shard
+            ),
+            default=0,
+        )
 
     def _check_size(self, i: int, path: Path):
         if not path.exists():
-            raise LayoutError(f"{path}: expert shard is missing; re-download or re-convert the model")
+            raise LayoutError(
+                f"{path}: expert shard is missing; re-download or re-convert the model"
+            )
         size = path.stat().st_size
         want = self.layout.shards[i].get("size", self._needed_size(i))
         if size != want or size < self._needed_size(i):
@@ -194,8 +218,12 @@ class ShardedFolderReader(ExpertReader):
                 for t in self.layout.tensors:
                     key = expert_key(l, e, t.name)
                     h = header.get(key)
-                    ok = h is not None and h.get("dtype") == t.dtype and tuple(h.get("shape", ())) == t.shape \
+                    ok = (
+                        h is not None
+                        and h.get("dtype") == t.dtype
+                        and tuple(h.get("shape", ())) == t.shape
                         and start + h["data_offsets"][0] == off + t.offset
+                    )
                     if not ok:
                         raise LayoutError(
                             f"{path}: tensor {key} does not match {self.index_path} "
@@ -250,7 +278,9 @@ class StackedCheckpointReader(ExpertReader):
     model is needed on disk.
     """
 
-    def __init__(self, model_dir: Path, num_layers: int, quantization: dict = None, drop_cache: bool = False):
+    def __init__(
+        self, model_dir: Path, num_layers: int, quantization: dict = None, drop_cache: bool = False
+    ):
         self.model_dir = Path(model_dir)
         files = sorted(self.model_dir.glob("model*.safetensors"))
         if not files:
@@ -271,10 +301,16 @@ class StackedCheckpointReader(ExpertReader):
                 tensors = specs
                 num_experts = entries[0][1][2]["shape"][0]
             elif specs != tensors:
-                raise LayoutError(f"{self.model_dir}: layer {l} experts differ in shape or dtype from earlier layers")
+                raise LayoutError(
+                    f"{self.model_dir}: layer {l} experts differ in shape or dtype from earlier layers"
+                )
             layers.append(l)
             self._ranges[l] = [
-                (path, start + v["data_offsets"][0], (v["data_offsets"][1] - v["data_offsets"][0]) // num_experts)
+                (
+                    path,
+                    start + v["data_offsets"][0],
+                    (v["data_offsets"][1] - v["data_offsets"][0]) // num_experts,
+                )
                 for _, (path, start, v) in entries
             ]
         if not layers:
@@ -290,10 +326,19 @@ class StackedCheckpointReader(ExpertReader):
     @staticmethod
     def _layer_entries(found, l):
         marker = f"layers.{l}.mlp.switch_mlp."
-        keys = {k.split(marker, 1)[1]: k for k in found if marker in k and k.split(marker, 1)[0] in ("model.", "language_model.model.")}
+        keys = {
+            k.split(marker, 1)[1]: k
+            for k in found
+            if marker in k and k.split(marker, 1)[0] in ("model.", "language_model.model.")
+        }
         if not keys:
             return None
-        names = [f"{p}.{part}" for p in PROJECTIONS for part in ("weight", "scales", "biases") if f"{p}.{part}" in keys]
+        names = [
+            f"{p}.{part}"
+            for p in PROJECTIONS
+            for part in ("weight", "scales", "biases")
+            if f"{p}.{part}" in keys
+        ]
         return [(n, found[keys[n]]) for n in names]
 
     def tensor_location(self, layer, expert, tensor):
@@ -306,7 +351,9 @@ class StackedCheckpointReader(ExpertReader):
         view = memoryview(buf)
         for t, (path, begin, per_expert) in zip(self.layout.tensors, self._ranges[layer]):
             read_with_retry(
-                lambda: self._files.pread_into(path, view[t.offset : t.offset + t.nbytes], begin + expert * per_expert),
+                lambda: self._files.pread_into(
+                    path, view[t.offset : t.offset + t.nbytes], begin + expert * per_expert
+                ),
                 f"{path} (layer {layer} expert {expert}, {t.name})",
             )
         return buf
@@ -335,16 +382,22 @@ class SlicedReader(ExpertReader):
             path, start = self.base.tensor_location(layer, expert, full)
             itemsize = np.dtype(full.np_dtype).itemsize
             rows, cols = full.shape
-            what = f"{path} (layer {layer} expert {expert}, {full.name} slice {self.rank}/{self.size})"
+            what = (
+                f"{path} (layer {layer} expert {expert}, {full.name} slice {self.rank}/{self.size})"
+            )
             if slice_axis(full.name) == 0:
                 offset = start + self.rank * part.shape[0] * cols * itemsize
-                self.base.pread_into(path, view[part.offset : part.offset + part.nbytes], offset, what)
+                self.base.pread_into(
+                    path, view[part.offset : part.offset + part.nbytes], offset, what
+                )
             else:
                 width = part.shape[1] * itemsize
                 first = start + self.rank * width
                 for r in range(rows):
                     dst = part.offset + r * width
-                    self.base.pread_into(path, view[dst : dst + width], first + r * cols * itemsize, what)
+                    self.base.pread_into(
+                        path, view[dst : dst + width], first + r * cols * itemsize, what
+                    )
         return buf
 
     def close(self):

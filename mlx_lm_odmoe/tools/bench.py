@@ -112,12 +112,20 @@ def _mlx_generate(model, tok, ids: List[int], n: int):
     eos = sorted(tok.eos_token_ids)
 
     def no_eos(tokens, logits):
-        banned = [i for i in eos if i < logits.shape[-1]]  # configs may name ids past the vocabulary
+        banned = [
+            i for i in eos if i < logits.shape[-1]
+        ]  # configs may name ids past the vocabulary
         return logits.at[..., banned].add(-1e9) if banned else logits
 
     out, t0, t_first = [], time.perf_counter(), None
-    for r in mlx_lm.stream_generate(model, tok, ids, max_tokens=n, sampler=make_sampler(0.0),
-                                    logits_processors=[no_eos] if eos else None):
+    for r in mlx_lm.stream_generate(
+        model,
+        tok,
+        ids,
+        max_tokens=n,
+        sampler=make_sampler(0.0),
+        logits_processors=[no_eos] if eos else None,
+    ):
         out.append(int(r.token))
         if t_first is None:
             t_first, c_first = time.perf_counter(), _cpu_s()
@@ -131,9 +139,20 @@ def _odmoe_stats(model) -> Optional[dict]:
         s = mlx_lm_odmoe.stats(model)
     except TypeError:
         return None
-    keys = ("hits", "misses", "hit_rate", "bytes_read", "evictions", "fetch_latency_p50_ms",
-            "fetch_latency_p99_ms", "budget_bytes", "resident_bytes", "slots_per_layer", "num_experts",
-            "expert_nbytes")
+    keys = (
+        "hits",
+        "misses",
+        "hit_rate",
+        "bytes_read",
+        "evictions",
+        "fetch_latency_p50_ms",
+        "fetch_latency_p99_ms",
+        "budget_bytes",
+        "resident_bytes",
+        "slots_per_layer",
+        "num_experts",
+        "expert_nbytes",
+    )
     return {k: s[k] for k in keys}
 
 
@@ -151,8 +170,14 @@ def _run_mlx(spec: dict) -> dict:
         _mlx_generate(model, tok, spec["warmup_ids"], spec["warmup_tokens"])
     _reset_stats(model)
     ttft, decode_s, cpu_s, out = _mlx_generate(model, tok, spec["prompt_ids"], spec["tokens"])
-    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "decode_cpu_s": cpu_s, "tokens": out,
-            "stats": _odmoe_stats(model)}
+    return {
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "decode_s": decode_s,
+        "decode_cpu_s": cpu_s,
+        "tokens": out,
+        "stats": _odmoe_stats(model),
+    }
 
 
 def _run_llamacpp(spec: dict) -> dict:
@@ -161,8 +186,16 @@ def _run_llamacpp(spec: dict) -> dict:
 
     threads = spec.get("threads") or os.cpu_count()
     t0 = time.perf_counter()
-    llm = Llama(model_path=spec["path"], n_ctx=spec["n_ctx"], n_threads=threads, n_threads_batch=threads,
-                use_mmap=True, use_mlock=False, verbose=False, seed=0)
+    llm = Llama(
+        model_path=spec["path"],
+        n_ctx=spec["n_ctx"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        use_mmap=True,
+        use_mlock=False,
+        verbose=False,
+        seed=0,
+    )
     load_s = time.perf_counter() - t0
     eos = [i for i in (llm.token_eos(),) if i is not None and 0 <= i < llm.n_vocab()]
 
@@ -185,8 +218,14 @@ def _run_llamacpp(spec: dict) -> dict:
     if spec["warmup_tokens"]:
         gen(spec["warmup_ids"], spec["warmup_tokens"])
     ttft, decode_s, cpu_s, out = gen(spec["prompt_ids"], spec["tokens"])
-    return {"load_s": load_s, "ttft_s": ttft, "decode_s": decode_s, "decode_cpu_s": cpu_s, "tokens": out,
-            "stats": None}
+    return {
+        "load_s": load_s,
+        "ttft_s": ttft,
+        "decode_s": decode_s,
+        "decode_cpu_s": cpu_s,
+        "tokens": out,
+        "stats": None,
+    }
 
 
 def worker(spec: dict):
@@ -258,7 +297,10 @@ def run_contender(spec: dict, args, cgroup_limit: Optional[int]) -> dict:
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     row.update(returncode=rc, peak_rss_bytes=maxrss)
-    result = next((json.loads(l[len(RESULT_TAG):]) for l in stdout.splitlines() if l.startswith(RESULT_TAG)), None)
+    result = next(
+        (json.loads(l[len(RESULT_TAG) :]) for l in stdout.splitlines() if l.startswith(RESULT_TAG)),
+        None,
+    )
     if result is not None:
         row.update(result)
         row["status"] = "ok"
@@ -279,19 +321,42 @@ def _median(rows, key):
 
 def summarize(name: str, runs: List[dict], tokens: int) -> dict:
     ok = [r for r in runs if r["status"] == "ok"]
-    s = {"name": name, "kind": runs[0]["kind"], "runs": len(runs), "ok_runs": len(ok),
-         "status": "ok" if ok else runs[-1]["status"]}
+    s = {
+        "name": name,
+        "kind": runs[0]["kind"],
+        "runs": len(runs),
+        "ok_runs": len(ok),
+        "status": "ok" if ok else runs[-1]["status"],
+    }
     for r in ok:
         r["decode_tok_s"] = (len(r["tokens"]) - 1) / r["decode_s"] if r["decode_s"] > 0 else None
         r["decode_cpu_ms_per_tok"] = 1e3 * r["decode_cpu_s"] / (len(r["tokens"]) - 1)
-    for key in ("decode_tok_s", "decode_cpu_ms_per_tok", "ttft_s", "load_s", "peak_rss_bytes", "cgroup_peak_bytes", "wall_s"):
-        s[key] = _median(ok if key not in ("peak_rss_bytes", "cgroup_peak_bytes", "wall_s") else runs, key)
+    for key in (
+        "decode_tok_s",
+        "decode_cpu_ms_per_tok",
+        "ttft_s",
+        "load_s",
+        "peak_rss_bytes",
+        "cgroup_peak_bytes",
+        "wall_s",
+    ):
+        s[key] = _median(
+            ok if key not in ("peak_rss_bytes", "cgroup_peak_bytes", "wall_s") else runs, key
+        )
     tps = [r["decode_tok_s"] for r in ok if r.get("decode_tok_s")]
     s["decode_tok_s_min"], s["decode_tok_s_max"] = (min(tps), max(tps)) if tps else (None, None)
-    s["oom_kills"] = sum(r.get("oom_kills") or 0 for r in runs) if any("oom_kills" in r for r in runs) else None
+    s["oom_kills"] = (
+        sum(r.get("oom_kills") or 0 for r in runs) if any("oom_kills" in r for r in runs) else None
+    )
     stats = [r["stats"] for r in ok if r.get("stats")]
     if stats:
-        for key in ("hit_rate", "bytes_read", "fetch_latency_p50_ms", "fetch_latency_p99_ms", "evictions"):
+        for key in (
+            "hit_rate",
+            "bytes_read",
+            "fetch_latency_p50_ms",
+            "fetch_latency_p99_ms",
+            "evictions",
+        ):
             s[key] = _median(stats, key)
         last = stats[-1]
         for key in ("budget_bytes", "slots_per_layer", "num_experts", "resident_bytes"):
@@ -305,24 +370,35 @@ def summarize(name: str, runs: List[dict], tokens: int) -> dict:
 def spread_note(rows: List[dict], reps: int) -> str:
     """How much decode tok/s moved between repetitions, or why it is unknown."""
     if reps < 2:
-        return ("The spread between runs is not measured (1 repetition): "
-                "another program on the cores during a run moves its result directly.")
-    spreads = [((r["decode_tok_s_max"] - r["decode_tok_s_min"]) / r["decode_tok_s"], r) for r in rows
-               if r.get("decode_tok_s_min") and r.get("decode_tok_s")]
+        return (
+            "The spread between runs is not measured (1 repetition): "
+            "another program on the cores during a run moves its result directly."
+        )
+    spreads = [
+        ((r["decode_tok_s_max"] - r["decode_tok_s_min"]) / r["decode_tok_s"], r)
+        for r in rows
+        if r.get("decode_tok_s_min") and r.get("decode_tok_s")
+    ]
     if not spreads:
-        return "No contender decoded in more than one repetition: the spread between runs is unknown."
+        return (
+            "No contender decoded in more than one repetition: the spread between runs is unknown."
+        )
     worst, r = max(spreads, key=lambda x: x[0])
-    return (f"Decode tok/s varied by up to {worst:.0%} of the median between repetitions "
-            f"({r['name']}: {r['decode_tok_s_min']:.2f} to {r['decode_tok_s_max']:.2f} tok/s).")
+    return (
+        f"Decode tok/s varied by up to {worst:.0%} of the median between repetitions "
+        f"({r['name']}: {r['decode_tok_s_min']:.2f} to {r['decode_tok_s_max']:.2f} tok/s)."
+    )
 
 
 def quick_note(args, rows: List[dict], load: str) -> str:
     """--quick: a smoke run. Say so, how much it varied, and what to run instead."""
-    return (f"Quick mode ({args.tokens} tokens, {args.reps} repetition(s), {args.warmup_tokens} warm-up "
-            f"token(s)): results are indicative only, not for comparison; short runs vary a lot from run "
-            f"to run. {spread_note(rows, args.reps)} Load average during the runs: {load}. "
-            f"For numbers, run without --quick ({FULL['tokens']} tokens, {FULL['reps']} interleaved "
-            "repetitions, medians).")
+    return (
+        f"Quick mode ({args.tokens} tokens, {args.reps} repetition(s), {args.warmup_tokens} warm-up "
+        f"token(s)): results are indicative only, not for comparison; short runs vary a lot from run "
+        f"to run. {spread_note(rows, args.reps)} Load average during the runs: {load}. "
+        f"For numbers, run without --quick ({FULL['tokens']} tokens, {FULL['reps']} interleaved "
+        "repetitions, medians)."
+    )
 
 
 def _load_average() -> str:
@@ -356,13 +432,17 @@ def model_folder(value: str, what: str = "--model") -> Path:
     if path.exists():
         raise ValueError(f"{what} {value}: is a file, not a model folder")
     if not _HUB_ID.fullmatch(value):
-        raise ValueError(f"{what} {value}: no such folder (a Hugging Face Hub id has the form org/name)")
+        raise ValueError(
+            f"{what} {value}: no such folder (a Hugging Face Hub id has the form org/name)"
+        )
     from mlx_lm.utils import _download
 
     try:
         return Path(_download(value))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {value}: no such folder here, and not a Hub repo that can be fetched ({e})") from e
+        raise ValueError(
+            f"{what} {value}: no such folder here, and not a Hub repo that can be fetched ({e})"
+        ) from e
 
 
 def parse_limit(value: str, total: int) -> int:
@@ -393,7 +473,15 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     for k, v in meta["facts"].items():
         lines.append(f"- {k}: {v}")
     lines.append("")
-    head = ["contender", "status", "experts resident/layer", "decode tok/s", "TTFT s", "peak RSS", "decode CPU ms/tok"]
+    head = [
+        "contender",
+        "status",
+        "experts resident/layer",
+        "decode tok/s",
+        "TTFT s",
+        "peak RSS",
+        "decode CPU ms/tok",
+    ]
     if base:
         head += ["decode vs resident", "TTFT vs resident", "RSS vs resident", "CPU/tok vs resident"]
     if meta.get("cgroup"):
@@ -403,23 +491,50 @@ def markdown(meta: dict, rows: List[dict]) -> str:
     head += ["hit rate", "bytes read", "fetch p50 ms", "fetch p99 ms", "same tokens as baseline"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        res = f"{r['slots_per_layer']}/{r['num_experts']} ({r['residency']:.0%})" if r.get("residency") else \
-            ("all" if r["kind"] in ("stock", "resident", "llamacpp") else "")
-        cells = [r["name"], r["status"], res, _f(r.get("decode_tok_s")), _f(r.get("ttft_s"), "{:.3f}"),
-                 _gb(r.get("peak_rss_bytes")), _f(r.get("decode_cpu_ms_per_tok"), "{:.2f}")]
+        res = (
+            f"{r['slots_per_layer']}/{r['num_experts']} ({r['residency']:.0%})"
+            if r.get("residency")
+            else ("all" if r["kind"] in ("stock", "resident", "llamacpp") else "")
+        )
+        cells = [
+            r["name"],
+            r["status"],
+            res,
+            _f(r.get("decode_tok_s")),
+            _f(r.get("ttft_s"), "{:.3f}"),
+            _gb(r.get("peak_rss_bytes")),
+            _f(r.get("decode_cpu_ms_per_tok"), "{:.2f}"),
+        ]
         if base:
-            cells += [_f(_ratio(r.get("decode_tok_s"), base.get("decode_tok_s")), "{:.3f}x"),
-                      _f(_ratio(r.get("ttft_s"), base.get("ttft_s")), "{:.3f}x"),
-                      _f(_ratio(r.get("peak_rss_bytes"), base.get("peak_rss_bytes")), "{:.3f}x"),
-                      _f(_ratio(r.get("decode_cpu_ms_per_tok"), base.get("decode_cpu_ms_per_tok")), "{:.3f}x")]
+            cells += [
+                _f(_ratio(r.get("decode_tok_s"), base.get("decode_tok_s")), "{:.3f}x"),
+                _f(_ratio(r.get("ttft_s"), base.get("ttft_s")), "{:.3f}x"),
+                _f(_ratio(r.get("peak_rss_bytes"), base.get("peak_rss_bytes")), "{:.3f}x"),
+                _f(
+                    _ratio(r.get("decode_cpu_ms_per_tok"), base.get("decode_cpu_ms_per_tok")),
+                    "{:.3f}x",
+                ),
+            ]
         if meta.get("cgroup"):
             cells += [_gb(r.get("cgroup_peak_bytes")), _f(r.get("oom_kills"), "{}")]
             if llama:
                 cells += [_f(_ratio(r.get("decode_tok_s"), llama.get("decode_tok_s")), "{:.2f}x")]
-        same = "" if not base or r is base or not r.get("tokens") or not base.get("tokens") or r["kind"] == "llamacpp" \
+        same = (
+            ""
+            if not base
+            or r is base
+            or not r.get("tokens")
+            or not base.get("tokens")
+            or r["kind"] == "llamacpp"
             else ("yes" if r["tokens"] == base["tokens"] else "no")
-        cells += [_f(r.get("hit_rate"), "{:.3f}"), _gb(r.get("bytes_read")), _f(r.get("fetch_latency_p50_ms"), "{:.3f}"),
-                  _f(r.get("fetch_latency_p99_ms"), "{:.3f}"), same]
+        )
+        cells += [
+            _f(r.get("hit_rate"), "{:.3f}"),
+            _gb(r.get("bytes_read")),
+            _f(r.get("fetch_latency_p50_ms"), "{:.3f}"),
+            _f(r.get("fetch_latency_p99_ms"), "{:.3f}"),
+            same,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines += meta.get("notes", [])
@@ -430,11 +545,18 @@ def plot_series(rows: List[dict]) -> dict:
     """What the PNG draws: the odmoe curve (one point per budget) and the
     contenders with every expert resident, which are horizontal reference
     lines and never points of the curve."""
-    pts = sorted((r for r in rows if r["kind"] == "odmoe" and r.get("residency") and r.get("decode_tok_s")),
-                 key=lambda r: r["residency"])
-    return {"odmoe": [(100 * r["residency"], r["decode_tok_s"], r.get("hit_rate") or 0) for r in pts],
-            "references": [(r["name"], r["decode_tok_s"]) for r in rows
-                           if r["kind"] in ("stock", "resident", "llamacpp") and r.get("decode_tok_s")]}
+    pts = sorted(
+        (r for r in rows if r["kind"] == "odmoe" and r.get("residency") and r.get("decode_tok_s")),
+        key=lambda r: r["residency"],
+    )
+    return {
+        "odmoe": [(100 * r["residency"], r["decode_tok_s"], r.get("hit_rate") or 0) for r in pts],
+        "references": [
+            (r["name"], r["decode_tok_s"])
+            for r in rows
+            if r["kind"] in ("stock", "resident", "llamacpp") and r.get("decode_tok_s")
+        ],
+    }
 
 
 def plot(rows: List[dict], path: Path, title: str) -> Optional[Path]:
@@ -485,28 +607,63 @@ def _machine() -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mlx_lm_odmoe.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mlx_lm_odmoe.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model_arg", nargs="?", metavar="MODEL", help="The same as --model.")
-    p.add_argument("--model", help="odmoe model folder (sharded layout) or Hugging Face Hub id (org/name).")
-    p.add_argument("--stock", help="Stock mlx-lm checkpoint of the same model: the all-resident baseline "
-                   "(default: the odmoe folder's experts in a MemoryStore).")
-    p.add_argument("--gguf", help="GGUF of the same model: adds llama.cpp (llama-cpp-python, mmap) as a contender.")
-    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="Comma-separated odmoe budgets. Default: " + DEFAULT_BUDGETS.replace("%", "%%"))
+    p.add_argument(
+        "--model", help="odmoe model folder (sharded layout) or Hugging Face Hub id (org/name)."
+    )
+    p.add_argument(
+        "--stock",
+        help="Stock mlx-lm checkpoint of the same model: the all-resident baseline "
+        "(default: the odmoe folder's experts in a MemoryStore).",
+    )
+    p.add_argument(
+        "--gguf",
+        help="GGUF of the same model: adds llama.cpp (llama-cpp-python, mmap) as a contender.",
+    )
+    p.add_argument(
+        "--budgets",
+        default=DEFAULT_BUDGETS,
+        help="Comma-separated odmoe budgets. Default: " + DEFAULT_BUDGETS.replace("%", "%%"),
+    )
     p.add_argument("--tokens", type=int, help=f"Tokens per measured run. Default: {FULL['tokens']}")
     p.add_argument("--reps", type=int, help=f"Interleaved repetitions. Default: {FULL['reps']}")
-    p.add_argument("--warmup-tokens", type=int,
-                   help=f"Tokens decoded before each measured run. Default: {FULL['warmup_tokens']}")
+    p.add_argument(
+        "--warmup-tokens",
+        type=int,
+        help=f"Tokens decoded before each measured run. Default: {FULL['warmup_tokens']}",
+    )
     p.add_argument("--prompt-file", help="Prompt text (default: a fixed Python snippet).")
-    p.add_argument("--prompt-tokens", type=int, help="Keep only the prompt's first N tokens (slow CPUs, big models).")
-    p.add_argument("--cold", action="store_true", help="Drop the page cache before every run (root).")
-    p.add_argument("--cgroup-limit", help="Run each contender in a memory cgroup with this limit: bytes, '4GB', "
-                   "or '50%%' of the model's size on disk (root, cgroup v1). Implies --cold.")
-    p.add_argument("--timeout", type=float, default=900, help="Seconds before a contender is killed. Default: 900")
+    p.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="Keep only the prompt's first N tokens (slow CPUs, big models).",
+    )
+    p.add_argument(
+        "--cold", action="store_true", help="Drop the page cache before every run (root)."
+    )
+    p.add_argument(
+        "--cgroup-limit",
+        help="Run each contender in a memory cgroup with this limit: bytes, '4GB', "
+        "or '50%%' of the model's size on disk (root, cgroup v1). Implies --cold.",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="Seconds before a contender is killed. Default: 900",
+    )
     p.add_argument("--threads", type=int, help="llama.cpp threads (default: all cores).")
     p.add_argument("--no-baseline", action="store_true", help="Skip the all-resident baseline.")
-    p.add_argument("--quick", action="store_true",
-                   help="Smoke run: 8 tokens, 1 repetition, 1 warm-up token unless given (indicative only).")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smoke run: 8 tokens, 1 repetition, 1 warm-up token unless given (indicative only).",
+    )
     p.add_argument("--title", help="Title of the report.")
     p.add_argument("--out", default="bench-out", help="Output folder. Default: bench-out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -549,8 +706,14 @@ def main(argv=None):
     prompt_ids, warmup_ids = tok.encode(prompt), tok.encode(WARMUP_PROMPT)
     if args.prompt_tokens:
         prompt_ids = prompt_ids[: args.prompt_tokens]
-    common = {"tokens": args.tokens, "warmup_tokens": args.warmup_tokens, "prompt_ids": prompt_ids,
-              "warmup_ids": warmup_ids, "threads": args.threads, "n_ctx": len(prompt_ids) + args.tokens + 64}
+    common = {
+        "tokens": args.tokens,
+        "warmup_tokens": args.warmup_tokens,
+        "prompt_ids": prompt_ids,
+        "warmup_ids": warmup_ids,
+        "threads": args.threads,
+        "n_ctx": len(prompt_ids) + args.tokens + 64,
+    }
     specs = [dict(c, **common) for c in _contenders(args)]
 
     runs: Dict[str, List[dict]] = {s["name"]: [] for s in specs}
@@ -559,46 +722,85 @@ def main(argv=None):
         for spec in specs:
             row = run_contender(spec, args, cgroup_limit)
             runs[spec["name"]].append(row)
-            tps = (len(row["tokens"]) - 1) / row["decode_s"] if row["status"] == "ok" and row["decode_s"] > 0 else None
-            print(f"[{rep + 1}/{args.reps}] {spec['name']}: {row['status']}"
-                  + (f", {tps:.2f} tok/s, TTFT {row['ttft_s']:.3f} s" if tps else "")
-                  + f", peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+            tps = (
+                (len(row["tokens"]) - 1) / row["decode_s"]
+                if row["status"] == "ok" and row["decode_s"] > 0
+                else None
+            )
+            print(
+                f"[{rep + 1}/{args.reps}] {spec['name']}: {row['status']}"
+                + (f", {tps:.2f} tok/s, TTFT {row['ttft_s']:.3f} s" if tps else "")
+                + f", peak RSS {row['peak_rss_bytes'] / 1e9:.2f} GB",
+                flush=True,
+            )
     rows = [summarize(s["name"], runs[s["name"]], args.tokens) for s in specs]
 
-    base = "stock mlx-lm on " + args.stock if args.stock else \
-        "the odmoe folder's experts read into a MemoryStore (all resident, no cache logic)"
+    base = (
+        "stock mlx-lm on " + args.stock
+        if args.stock
+        else "the odmoe folder's experts read into a MemoryStore (all resident, no cache logic)"
+    )
     facts = {
         "model": f"{model} ({_gb(sizes['resident_bytes'])} resident weights + {_gb(sizes['expert_bytes'])} routed experts)",
-        "baseline (all experts resident)": base if specs and specs[0]["kind"] in ("stock", "resident") else "none",
+        "baseline (all experts resident)": base
+        if specs and specs[0]["kind"] in ("stock", "resident")
+        else "none",
         "machine": _machine(),
         "versions": _versions(),
         "run": f"{len(prompt_ids)} prompt tokens, {args.tokens} generated (greedy, EOS banned), "
-               f"{args.warmup_tokens} warm-up tokens, {args.reps} interleaved repetition(s), medians",
-        "page cache": "dropped before every run (cold)" if (args.cold or cgroup_limit) else "warm (files may be cached by the OS)",
+        f"{args.warmup_tokens} warm-up tokens, {args.reps} interleaved repetition(s), medians",
+        "page cache": "dropped before every run (cold)"
+        if (args.cold or cgroup_limit)
+        else "warm (files may be cached by the OS)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load average": f"{load_start} at the start, {_load_average()} at the end",
     }
     if cgroup_limit:
-        facts["memory cgroup limit"] = f"{_gb(cgroup_limit)} ({cgroup_limit / model_bytes:.0%} of the model's {_gb(model_bytes)})"
-    notes = ["Decode tok/s counts the tokens after the first; TTFT is prompt processing plus the first token. "
-             "Decode CPU ms/tok is the process's user+system CPU time per decoded token (all threads): "
-             "less sensitive than wall time to other programs competing for the cores, blind to waiting on disk. "
-             "Peak RSS is the contender process's ru_maxrss (load included). Hit rate, bytes read and fetch "
-             "latency cover the measured run only (after warm-up)."]
-    variability = quick_note(args, rows, facts["load average"]) if args.quick else spread_note(rows, args.reps)
+        facts["memory cgroup limit"] = (
+            f"{_gb(cgroup_limit)} ({cgroup_limit / model_bytes:.0%} of the model's {_gb(model_bytes)})"
+        )
+    notes = [
+        "Decode tok/s counts the tokens after the first; TTFT is prompt processing plus the first token. "
+        "Decode CPU ms/tok is the process's user+system CPU time per decoded token (all threads): "
+        "less sensitive than wall time to other programs competing for the cores, blind to waiting on disk. "
+        "Peak RSS is the contender process's ru_maxrss (load included). Hit rate, bytes read and fetch "
+        "latency cover the measured run only (after warm-up)."
+    ]
+    variability = (
+        quick_note(args, rows, facts["load average"])
+        if args.quick
+        else spread_note(rows, args.reps)
+    )
     notes = [variability, ""] + notes
-    meta = {"title": args.title or f"odmoe residency benchmark: {model.name}", "facts": facts,
-            "cgroup": bool(cgroup_limit), "notes": notes}
+    meta = {
+        "title": args.title or f"odmoe residency benchmark: {model.name}",
+        "facts": facts,
+        "cgroup": bool(cgroup_limit),
+        "notes": notes,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = markdown(meta, rows)
     (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs,
-                                                  "sizes": sizes, "cgroup_limit": cgroup_limit}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": rows,
+                "runs": runs,
+                "sizes": sizes,
+                "cgroup_limit": cgroup_limit,
+            },
+            indent=1,
+        )
+    )
     png = plot(rows, out / "residency.png", meta["title"])
     print()
     print(report)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}" + (f", {png}" if png else " (no matplotlib: no plot)"))
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}"
+        + (f", {png}" if png else " (no matplotlib: no plot)")
+    )
     return 0
 
 

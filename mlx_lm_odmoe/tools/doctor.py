@@ -60,8 +60,10 @@ from ..model_types import STOCK_TYPE_OF, is_odmoe_type
 MIN_PROBE_BYTES = 64 * 2**20  # smaller files time the call, not the disk
 # Measured decode / this forecast on the checks in
 # benchmarks/results/doctor-forecast.md; update both together.
-TRUST = ("measured decode was 0.83-1.31x this forecast on the shipped models (idle CPU); "
-         "not yet checked where disk reads dominate: measure with mlx_lm_odmoe.bench")
+TRUST = (
+    "measured decode was 0.83-1.31x this forecast on the shipped models (idle CPU); "
+    "not yet checked where disk reads dominate: measure with mlx_lm_odmoe.bench"
+)
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -95,18 +97,35 @@ def sizes_from_folder(model: Path) -> Dict:
     index = model / EXPERTS_DIR / INDEX_NAME
     if index.exists():
         layout = load_layout(model / EXPERTS_DIR)
-        experts, record, layers, E = layout.total_nbytes, layout.record_nbytes, len(layout.moe_layers), layout.num_experts
-        shard = max((model / EXPERTS_DIR / s["file"] for s in layout.shards), key=lambda p: p.stat().st_size)
+        experts, record, layers, E = (
+            layout.total_nbytes,
+            layout.record_nbytes,
+            len(layout.moe_layers),
+            layout.num_experts,
+        )
+        shard = max(
+            (model / EXPERTS_DIR / s["file"] for s in layout.shards), key=lambda p: p.stat().st_size
+        )
     elif stacked:
         E = config.get("num_experts") or config["n_routed_experts"]
         layers = len(_moe_layers(config))
         experts, record = stacked, stacked // (E * layers)
         shard = max(model.glob("model*.safetensors"), key=lambda p: p.stat().st_size)
     else:
-        raise ValueError(f"{model}: no experts/index.json and no stacked experts: not an MoE model folder")
-    return {"config": config, "resident_bytes": resident, "expert_bytes": experts, "record_bytes": record,
-            "moe_layers": layers, "num_experts": E, "embedding_bytes": _embedding_bytes(model),
-            "probe_file": shard, "kv_bytes": _float_bytes(config)}
+        raise ValueError(
+            f"{model}: no experts/index.json and no stacked experts: not an MoE model folder"
+        )
+    return {
+        "config": config,
+        "resident_bytes": resident,
+        "expert_bytes": experts,
+        "record_bytes": record,
+        "moe_layers": layers,
+        "num_experts": E,
+        "embedding_bytes": _embedding_bytes(model),
+        "probe_file": shard,
+        "kv_bytes": _float_bytes(config),
+    }
 
 
 def check_folder(model: Path) -> None:
@@ -126,11 +145,16 @@ def _runtime(model: Path, **settings):
 
     raw = load_config(model)
     config = _text(raw)
-    expected = {"num_experts": config.get("num_experts") or config["n_routed_experts"],
-                "moe_layers": _moe_layers(config), "hidden_size": config["hidden_size"],
-                "moe_intermediate_size": config["moe_intermediate_size"]}
+    expected = {
+        "num_experts": config.get("num_experts") or config["n_routed_experts"],
+        "moe_layers": _moe_layers(config),
+        "hidden_size": config["hidden_size"],
+        "moe_intermediate_size": config["moe_intermediate_size"],
+    }
     odmoe = odmoe_model_config(model, raw, model_config={"odmoe": settings})["odmoe"]
-    return ExpertRuntime(odmoe, config["num_experts_per_tok"], config["num_hidden_layers"], expected)
+    return ExpertRuntime(
+        odmoe, config["num_experts_per_tok"], config["num_hidden_layers"], expected
+    )
 
 
 def _embedding_bytes(model: Path) -> int:
@@ -153,7 +177,9 @@ def _moe_layers(config: dict):
     return moe_layers_of(model)
 
 
-def sizes_from_config(config: dict, bits: int, group_size: int, scale_bytes: int, float_bytes: int) -> Dict:
+def sizes_from_config(
+    config: dict, bits: int, group_size: int, scale_bytes: int, float_bytes: int
+) -> Dict:
     """What a -q conversion of ``config`` would weigh. The parameter shapes
     come from mlx-lm's own model class, built lazily (nothing is allocated)."""
     import mlx.nn as nn
@@ -166,8 +192,11 @@ def sizes_from_config(config: dict, bits: int, group_size: int, scale_bytes: int
         config.pop(k, None)
     model = build_skeleton(odmoe_config(config))
     moe_layers = moe_layers_of(model)
-    quantizable = {name for name, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0}
+    quantizable = {
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0
+    }
 
     def nbytes(n_params: int, quantized: bool) -> int:
         if quantized:
@@ -182,11 +211,22 @@ def sizes_from_config(config: dict, bits: int, group_size: int, scale_bytes: int
         if "embed_tokens" in k:
             embedding += b
     D, inter = config["hidden_size"], config["moe_intermediate_size"]
-    record = sum(nbytes(rows * cols, cols % group_size == 0) for rows, cols in ((inter, D), (inter, D), (D, inter)))
+    record = sum(
+        nbytes(rows * cols, cols % group_size == 0)
+        for rows, cols in ((inter, D), (inter, D), (D, inter))
+    )
     E = config.get("num_experts") or config["n_routed_experts"]
-    return {"config": config, "resident_bytes": resident, "expert_bytes": record * E * len(moe_layers),
-            "record_bytes": record, "moe_layers": len(moe_layers), "num_experts": E,
-            "embedding_bytes": embedding, "probe_file": None, "kv_bytes": float_bytes}
+    return {
+        "config": config,
+        "resident_bytes": resident,
+        "expert_bytes": record * E * len(moe_layers),
+        "record_bytes": record,
+        "moe_layers": len(moe_layers),
+        "num_experts": E,
+        "embedding_bytes": embedding,
+        "probe_file": None,
+        "kv_bytes": float_bytes,
+    }
 
 
 def kv_bytes_per_token(config: dict, dtype_bytes: int) -> int:
@@ -219,14 +259,18 @@ def disk_bandwidth(path: Optional[Path], nbytes: int = 256 * 2**20) -> Dict:
     try:
         out = _timed_read(path, nbytes)
         if tmp:
-            out["file"] = "a temporary file just written (a device cache may serve it: --disk-gbps overrides)"
+            out["file"] = (
+                "a temporary file just written (a device cache may serve it: --disk-gbps overrides)"
+            )
         return out
     finally:
         if tmp:
             os.unlink(tmp)
 
 
-def miss_bandwidth(model: Path, misses: int, seconds: float = 1.0, max_bytes: int = 512 * 2**20) -> Dict:
+def miss_bandwidth(
+    model: Path, misses: int, seconds: float = 1.0, max_bytes: int = 512 * 2**20
+) -> Dict:
     """Bytes/s of the store's miss path on this folder's own expert records:
     CachedStore fetching ``misses`` experts that are not resident, each read
     cold (the page cache dropped, as MLX_LM_ODMOE_DROP_PAGE_CACHE=1 does) by
@@ -255,14 +299,23 @@ def miss_bandwidth(model: Path, misses: int, seconds: float = 1.0, max_bytes: in
             start += misses
     finally:
         store.close()
-    return {"bytes_per_s": done / spent if spent else None, "bytes": done, "seconds": spent,
-            "misses_per_fetch": misses, "record_bytes": layout.record_nbytes}
+    return {
+        "bytes_per_s": done / spent if spent else None,
+        "bytes": done,
+        "seconds": spent,
+        "misses_per_fetch": misses,
+        "record_bytes": layout.record_nbytes,
+    }
 
 
 def _drop_page_cache(model: Path):
     if not hasattr(os, "posix_fadvise"):
         return
-    for f in (model / EXPERTS_DIR).glob("*.safetensors") if (model / EXPERTS_DIR).is_dir() else model.glob("model*.safetensors"):
+    for f in (
+        (model / EXPERTS_DIR).glob("*.safetensors")
+        if (model / EXPERTS_DIR).is_dir()
+        else model.glob("model*.safetensors")
+    ):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -297,7 +350,13 @@ def _timed_read(path: Path, nbytes: int) -> Dict:
     finally:
         os.close(fd)
         buf.close()
-    return {"bytes_per_s": done / dt if dt > 0 else None, "bytes": done, "seconds": dt, "how": how, "file": str(path)}
+    return {
+        "bytes_per_s": done / dt if dt > 0 else None,
+        "bytes": done,
+        "seconds": dt,
+        "how": how,
+        "file": str(path),
+    }
 
 
 def compute_bandwidth(seconds: float = 0.8) -> Dict:
@@ -317,7 +376,9 @@ def compute_bandwidth(seconds: float = 0.8) -> Dict:
     while time.perf_counter() - start < seconds or len(rates) < 3:
         t0, y = time.perf_counter(), x
         for _ in range(2):  # a chain, like layers: each waits for the last
-            y = mx.quantized_matmul(x + y[:, :1] * 0, wq, s, b, transpose=True, group_size=64, bits=4)[:, :D]
+            y = mx.quantized_matmul(
+                x + y[:, :1] * 0, wq, s, b, transpose=True, group_size=64, bits=4
+            )[:, :D]
         mx.eval(y)
         rates.append(2 * nbytes / (time.perf_counter() - t0))
     return {"bytes_per_s": statistics.median(rates), "device": str(mx.default_device())}
@@ -342,11 +403,19 @@ def twin_config(config: dict) -> dict:
     for k in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if c.get(k):
             c[k] = W
-    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-    c["num_attention_heads"], c["num_key_value_heads"] = 2, (1 if kv_heads < heads else 2)  # GQA stays GQA
+    heads, kv_heads = (
+        c["num_attention_heads"],
+        c.get("num_key_value_heads") or c["num_attention_heads"],
+    )
+    c["num_attention_heads"], c["num_key_value_heads"] = (
+        2,
+        (1 if kv_heads < heads else 2),
+    )  # GQA stays GQA
     c.pop("head_dim", None)
     if c.get("kv_lora_rank"):  # MLA
-        c.update(kv_lora_rank=W, qk_nope_head_dim=W // 4, qk_rope_head_dim=W // 4, v_head_dim=W // 2)
+        c.update(
+            kv_lora_rank=W, qk_nope_head_dim=W // 4, qk_rope_head_dim=W // 4, v_head_dim=W // 2
+        )
         if c.get("q_lora_rank"):
             c["q_lora_rank"] = W
     key = "num_experts" if c.get("num_experts") else "n_routed_experts"
@@ -375,28 +444,45 @@ def twin_decode_seconds(config: dict, residency: float, tokens: int = 24, warmup
     cfg = twin_config(config)
     top_k = cfg["num_experts_per_tok"]
     with tempfile.TemporaryDirectory(prefix="odmoe-doctor-") as tmp:
-        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm's quantize prints; --json owns stdout
+        with contextlib.redirect_stdout(
+            io.StringIO()
+        ):  # mlx-lm's quantize prints; --json owns stdout
             path = generate(Path(tmp) / "twin", cfg, progress=False)
         layout = load_layout(path / EXPERTS_DIR)
         E, L = layout.num_experts, len(layout.moe_layers)
         slots = E if residency >= 1 else max(top_k, min(E, round(residency * E)))
-        model, _ = load(path, expert_cache=slots * layout.record_nbytes * L,
-                        model_config={"odmoe": {"drop_page_cache": True}})
+        model, _ = load(
+            path,
+            expert_cache=slots * layout.record_nbytes * L,
+            model_config={"odmoe": {"drop_page_cache": True}},
+        )
         stamps = []
         for _ in generate_step(mx.array(list(range(1, 17))), model, max_tokens=warmup + tokens + 1):
             stamps.append(time.perf_counter())
-        dt = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
+        dt = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :]))
         del model
-    return {"seconds": dt, "slots_per_layer": slots, "num_experts": E, "width": TWIN_WIDTH,
-            "record_bytes": layout.record_nbytes}
+    return {
+        "seconds": dt,
+        "slots_per_layer": slots,
+        "num_experts": E,
+        "width": TWIN_WIDTH,
+        "record_bytes": layout.record_nbytes,
+    }
 
 
 # -- forecast ---------------------------------------------------------------------
 
 
-def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, headroom: int = 2**30,
-             disk_bps: Optional[float] = None, compute_bps: Optional[float] = None,
-             fixed_s: Optional[float] = None) -> Dict:
+def forecast(
+    sizes: Dict,
+    memory: int,
+    budget_spec=None,
+    context: int = 4096,
+    headroom: int = 2**30,
+    disk_bps: Optional[float] = None,
+    compute_bps: Optional[float] = None,
+    fixed_s: Optional[float] = None,
+) -> Dict:
     config = sizes["config"]
     top_k = config["num_experts_per_tok"]
     R, L, E = sizes["record_bytes"], sizes["moe_layers"], sizes["num_experts"]
@@ -409,14 +495,27 @@ def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, he
         budget = parse_budget(budget_spec, experts)
         budget = minimum if budget == MINIMUM else budget
     else:
-        budget = max(0, min(default_budget(experts, memory), left))  # the loader's rule, for this memory
+        budget = max(
+            0, min(default_budget(experts, memory), left)
+        )  # the loader's rule, for this memory
     slots = slots_that_fit(budget, R, L, E) if R and L else 0
     r = slots / E if E else 0.0
     out = {
-        "resident_bytes": resident, "expert_bytes": experts, "expert_record_bytes": R, "moe_layers": L,
-        "num_experts": E, "top_k": top_k, "kv_bytes_per_1k_tokens": kv_tok * 1000, "context": context,
-        "kv_bytes": kv, "memory": memory, "headroom": headroom, "budget_bytes": budget,
-        "min_budget_bytes": minimum, "slots_per_layer": int(slots), "residency": r,
+        "resident_bytes": resident,
+        "expert_bytes": experts,
+        "expert_record_bytes": R,
+        "moe_layers": L,
+        "num_experts": E,
+        "top_k": top_k,
+        "kv_bytes_per_1k_tokens": kv_tok * 1000,
+        "context": context,
+        "kv_bytes": kv,
+        "memory": memory,
+        "headroom": headroom,
+        "budget_bytes": budget,
+        "min_budget_bytes": minimum,
+        "slots_per_layer": int(slots),
+        "residency": r,
         "fits_entirely": resident + experts + kv <= memory - headroom,
         "runs": slots >= top_k and resident + slots * R * L + kv <= memory - headroom,
         "memory_use_bytes": resident + int(slots) * R * L + kv,
@@ -426,8 +525,14 @@ def forecast(sizes: Dict, memory: int, budget_spec=None, context: int = 4096, he
         h = r
         t_compute = active / compute_bps
         t_disk = L * top_k * (1 - h) * R / disk_bps
-        out.update(active_bytes_per_token=active, expected_hit_rate=h, t_compute_s=t_compute,
-                   t_disk_s=t_disk, t_fixed_s=fixed_s, tok_s=1.0 / (t_compute + fixed_s + t_disk))
+        out.update(
+            active_bytes_per_token=active,
+            expected_hit_rate=h,
+            t_compute_s=t_compute,
+            t_disk_s=t_disk,
+            t_fixed_s=fixed_s,
+            tok_s=1.0 / (t_compute + fixed_s + t_disk),
+        )
     return out
 
 
@@ -438,64 +543,128 @@ def _gb(n) -> str:
 def report(name: str, f: Dict, probes: Dict) -> str:
     lines = [f"odmoe doctor: {name}", ""]
     lines.append(f"  resident weights      {_gb(f['resident_bytes'])}")
-    lines.append(f"  routed experts        {_gb(f['expert_bytes'])}  ({f['moe_layers']} MoE layers x "
-                 f"{f['num_experts']} experts x {_gb(f['expert_record_bytes'])}, top-{f['top_k']})")
-    lines.append(f"  KV cache              {_gb(f['kv_bytes_per_1k_tokens'])} per 1k tokens; "
-                 f"{_gb(f['kv_bytes'])} at {f['context']} tokens")
+    lines.append(
+        f"  routed experts        {_gb(f['expert_bytes'])}  ({f['moe_layers']} MoE layers x "
+        f"{f['num_experts']} experts x {_gb(f['expert_record_bytes'])}, top-{f['top_k']})"
+    )
+    lines.append(
+        f"  KV cache              {_gb(f['kv_bytes_per_1k_tokens'])} per 1k tokens; "
+        f"{_gb(f['kv_bytes'])} at {f['context']} tokens"
+    )
     lines.append(f"  memory                {_gb(f['memory'])} (less {_gb(f['headroom'])} headroom)")
     lines.append("")
     if f["fits_entirely"]:
-        lines.append("  fits entirely: every expert can stay resident (no disk reads while decoding)")
+        lines.append(
+            "  fits entirely: every expert can stay resident (no disk reads while decoding)"
+        )
     elif f["runs"]:
         lines.append("  does not fit entirely: experts stream from disk through the budget")
     else:
-        lines.append(f"  does NOT run in this memory: resident weights + KV + the minimum expert budget "
-                     f"({_gb(f['min_budget_bytes'])}) exceed it")
-    lines.append(f"  expert budget         {_gb(f['budget_bytes'])} -> {f['slots_per_layer']}/{f['num_experts']} "
-                 f"experts per layer ({f['residency']:.1%} residency); minimum {_gb(f['min_budget_bytes'])}")
+        lines.append(
+            f"  does NOT run in this memory: resident weights + KV + the minimum expert budget "
+            f"({_gb(f['min_budget_bytes'])}) exceed it"
+        )
+    lines.append(
+        f"  expert budget         {_gb(f['budget_bytes'])} -> {f['slots_per_layer']}/{f['num_experts']} "
+        f"experts per layer ({f['residency']:.1%} residency); minimum {_gb(f['min_budget_bytes'])}"
+    )
     lines.append(f"  forecast memory use   {_gb(f['memory_use_bytes'])} (resident + budget + KV)")
     if probes.get("disk"):
         d = probes["disk"]
-        lines.append(f"  disk read             {d['bytes_per_s'] / 1e6:.0f} MB/s ({_gb(d['bytes'])} {d['how']} read of {d['file']})")
+        lines.append(
+            f"  disk read             {d['bytes_per_s'] / 1e6:.0f} MB/s ({_gb(d['bytes'])} {d['how']} read of {d['file']})"
+        )
     if probes.get("compute"):
-        lines.append(f"  compute               {probes['compute']['bytes_per_s'] / 1e9:.2f} GB/s of 4-bit weights "
-                     f"({probes['compute']['device']})")
+        lines.append(
+            f"  compute               {probes['compute']['bytes_per_s'] / 1e9:.2f} GB/s of 4-bit weights "
+            f"({probes['compute']['device']})"
+        )
     if probes.get("twin"):
         t = probes["twin"]
-        lines.append(f"  fixed costs           {t['seconds'] * 1e3:.1f} ms per token (narrow twin: width {t['width']}, "
-                     f"{t['slots_per_layer']}/{t['num_experts']} experts resident per layer)")
+        lines.append(
+            f"  fixed costs           {t['seconds'] * 1e3:.1f} ms per token (narrow twin: width {t['width']}, "
+            f"{t['slots_per_layer']}/{t['num_experts']} experts resident per layer)"
+        )
     if "tok_s" in f:
         lines.append("")
-        lines.append(f"  per token: {_gb(f['active_bytes_per_token'])} of weights -> {f['t_compute_s'] * 1e3:.1f} ms compute, "
-                     f"{f['t_fixed_s'] * 1e3:.1f} ms fixed costs, "
-                     f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f})")
+        lines.append(
+            f"  per token: {_gb(f['active_bytes_per_token'])} of weights -> {f['t_compute_s'] * 1e3:.1f} ms compute, "
+            f"{f['t_fixed_s'] * 1e3:.1f} ms fixed costs, "
+            f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f})"
+        )
         lines.append(f"  expected decode       {f['tok_s']:.2f} tok/s")
         lines.append(f"  how far to trust it   {TRUST}")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="mlx_lm_odmoe.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="odmoe model folder (or a stock mlx-lm MoE checkpoint).")
-    p.add_argument("--config", help="A Hugging Face config.json of a model not on disk (sizes assume a -q conversion).")
-    p.add_argument("--memory", help="Memory to plan for: '24GB', '16GiB', bytes. Default: this machine's physical memory.")
-    p.add_argument("--budget", help="Expert budget to forecast ('8GB', '25%%', 'min'). Default: the loader's default rule.")
-    p.add_argument("--context", type=int, default=4096, help="Tokens of KV cache to plan for. Default: 4096")
-    p.add_argument("--headroom", default="1GiB", help="Memory kept free for the OS and activations. Default: 1GiB")
-    p.add_argument("--bits", type=int, default=4, help="--config: expert and weight bits. Default: 4")
-    p.add_argument("--group-size", type=int, default=64, help="--config: quantization group size. Default: 64")
-    p.add_argument("--scale-bytes", type=int, default=2, choices=(2, 4),
-                   help="--config: bytes per scale/bias (2: float16/bfloat16, 4: float32 as on MLX's CPU). Default: 2")
-    p.add_argument("--dtype-bytes", type=int, default=2, choices=(2, 4),
-                   help="--config: bytes of unquantized weights and the KV cache. Default: 2")
+    p = argparse.ArgumentParser(
+        prog="mlx_lm_odmoe.doctor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model", nargs="?", help="odmoe model folder (or a stock mlx-lm MoE checkpoint)."
+    )
+    p.add_argument(
+        "--config",
+        help="A Hugging Face config.json of a model not on disk (sizes assume a -q conversion).",
+    )
+    p.add_argument(
+        "--memory",
+        help="Memory to plan for: '24GB', '16GiB', bytes. Default: this machine's physical memory.",
+    )
+    p.add_argument(
+        "--budget",
+        help="Expert budget to forecast ('8GB', '25%%', 'min'). Default: the loader's default rule.",
+    )
+    p.add_argument(
+        "--context", type=int, default=4096, help="Tokens of KV cache to plan for. Default: 4096"
+    )
+    p.add_argument(
+        "--headroom",
+        default="1GiB",
+        help="Memory kept free for the OS and activations. Default: 1GiB",
+    )
+    p.add_argument(
+        "--bits", type=int, default=4, help="--config: expert and weight bits. Default: 4"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=64, help="--config: quantization group size. Default: 64"
+    )
+    p.add_argument(
+        "--scale-bytes",
+        type=int,
+        default=2,
+        choices=(2, 4),
+        help="--config: bytes per scale/bias (2: float16/bfloat16, 4: float32 as on MLX's CPU). Default: 2",
+    )
+    p.add_argument(
+        "--dtype-bytes",
+        type=int,
+        default=2,
+        choices=(2, 4),
+        help="--config: bytes of unquantized weights and the KV cache. Default: 2",
+    )
     p.add_argument("--disk-gbps", type=float, help="Disk read GB/s to assume instead of measuring.")
-    p.add_argument("--compute-gbps", type=float, help="4-bit weight GB/s to assume instead of measuring.")
-    p.add_argument("--fixed-ms", type=float,
-                   help="Milliseconds per token besides reading weights (T) to assume instead of "
-                   "measuring them with the narrow twin.")
-    p.add_argument("--probe-mb", type=int, default=256, help="Bytes of the timed disk read, in MB. Default: 256")
-    p.add_argument("--no-probe", action="store_true", help="Sizes only: no timed reads, matmuls or decoding.")
+    p.add_argument(
+        "--compute-gbps", type=float, help="4-bit weight GB/s to assume instead of measuring."
+    )
+    p.add_argument(
+        "--fixed-ms",
+        type=float,
+        help="Milliseconds per token besides reading weights (T) to assume instead of "
+        "measuring them with the narrow twin.",
+    )
+    p.add_argument(
+        "--probe-mb",
+        type=int,
+        default=256,
+        help="Bytes of the timed disk read, in MB. Default: 256",
+    )
+    p.add_argument(
+        "--no-probe", action="store_true", help="Sizes only: no timed reads, matmuls or decoding."
+    )
     p.add_argument("--json", action="store_true", help="Print JSON.")
     args = p.parse_args(argv)
     if bool(args.model) == bool(args.config):
@@ -508,12 +677,16 @@ def main(argv=None):
             name = args.model
         else:
             cfg = json.loads(Path(args.config).read_text())
-            sizes = sizes_from_config(cfg, args.bits, args.group_size, args.scale_bytes, args.dtype_bytes)
+            sizes = sizes_from_config(
+                cfg, args.bits, args.group_size, args.scale_bytes, args.dtype_bytes
+            )
             name = f"{args.config} (as a {args.bits}-bit, group {args.group_size} conversion)"
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         if args.model:
-            print("error: mlx_lm.load would refuse this folder too; no forecast made", file=sys.stderr)
+            print(
+                "error: mlx_lm.load would refuse this folder too; no forecast made", file=sys.stderr
+            )
         return 2
     memory = parse_budget(args.memory, physical_memory()) if args.memory else physical_memory()
     headroom = parse_budget(args.headroom, memory)
@@ -525,7 +698,11 @@ def main(argv=None):
         if args.compute_gbps is None:
             probes["compute"] = compute_bandwidth()
     disk = args.disk_gbps * 1e9 if args.disk_gbps else (probes.get("disk") or {}).get("bytes_per_s")
-    compute = args.compute_gbps * 1e9 if args.compute_gbps else (probes.get("compute") or {}).get("bytes_per_s")
+    compute = (
+        args.compute_gbps * 1e9
+        if args.compute_gbps
+        else (probes.get("compute") or {}).get("bytes_per_s")
+    )
     f = forecast(sizes, memory, args.budget, args.context, headroom, disk, compute)
     fixed = args.fixed_ms / 1e3 if args.fixed_ms is not None else None
     if fixed is None and not args.no_probe and f["runs"]:

@@ -52,10 +52,14 @@ def load_preset(name: Optional[str] = None, config_path: Optional[str] = None) -
 
         return dict(TINY_QWEN2_MOE)
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + [TINY_PRESET]} or pass --config")
+        raise ValueError(
+            f"unknown preset {name!r}; choose one of {sorted(PRESETS) + [TINY_PRESET]} or pass --config"
+        )
     path = DATA_DIR / PRESETS[name]
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found (presets read the repository's tests/data); pass --config")
+        raise FileNotFoundError(
+            f"{path} not found (presets read the repository's tests/data); pass --config"
+        )
     return text_config(json.loads(path.read_text()))
 
 
@@ -81,9 +85,15 @@ def expert_shapes(config: dict, bits: int, group_size: int) -> Dict[str, tuple]:
     """Packed weight / scales / biases shapes of one expert, in record order."""
     D, inter = config["hidden_size"], config["moe_intermediate_size"]
     shapes = {}
-    for proj, (out, inp) in (("gate_proj", (inter, D)), ("up_proj", (inter, D)), ("down_proj", (D, inter))):
+    for proj, (out, inp) in (
+        ("gate_proj", (inter, D)),
+        ("up_proj", (inter, D)),
+        ("down_proj", (D, inter)),
+    ):
         if inp % group_size:
-            raise ValueError(f"{proj}: {inp} inputs are not a multiple of --group-size {group_size}")
+            raise ValueError(
+                f"{proj}: {inp} inputs are not a multiple of --group-size {group_size}"
+            )
         shapes[f"{proj}.weight"] = (out, inp * bits // 32)
         shapes[f"{proj}.scales"] = (out, inp // group_size)
         shapes[f"{proj}.biases"] = (out, inp // group_size)
@@ -94,7 +104,9 @@ def expert_nbytes(config: dict, bits: int, group_size: int) -> int:
     return sum(int(np.prod(s)) * 4 for s in expert_shapes(config, bits, group_size).values())
 
 
-def random_expert(rng: np.random.Generator, shapes: Dict[str, tuple], bits: int) -> Dict[str, np.ndarray]:
+def random_expert(
+    rng: np.random.Generator, shapes: Dict[str, tuple], bits: int
+) -> Dict[str, np.ndarray]:
     """Uniform packed codes; scale ~ the spread of mlx-lm's uniform(+-1/sqrt(in))
     init, bias centres the codes on zero. Both float16-exact (see module doc)."""
     mid = (2**bits - 1) / 2
@@ -103,7 +115,9 @@ def random_expert(rng: np.random.Generator, shapes: Dict[str, tuple], bits: int)
     for name, shape in shapes.items():
         proj, part = name.split(".")
         if part == "weight":
-            out[name] = np.frombuffer(rng.bytes(int(np.prod(shape)) * 4), dtype=np.uint32).reshape(shape)
+            out[name] = np.frombuffer(rng.bytes(int(np.prod(shape)) * 4), dtype=np.uint32).reshape(
+                shape
+            )
             in_dims = shape[1] * 32 // bits
             std = 1.0 / np.sqrt(3.0 * in_dims)
             scale = (std / code_std) * rng.uniform(0.75, 1.25, size=shapes[f"{proj}.scales"])
@@ -149,8 +163,16 @@ def moe_layer_ids(config: dict):
     return [i for i in range(n) if (i + 1) % step == 0]
 
 
-def write_experts(out: Path, config: dict, moe_layers, bits: int, group_size: int, seed: int,
-                  shard_size_gb: float, progress: bool = True):
+def write_experts(
+    out: Path,
+    config: dict,
+    moe_layers,
+    bits: int,
+    group_size: int,
+    seed: int,
+    shard_size_gb: float,
+    progress: bool = True,
+):
     import mlx.core as mx
     from tqdm import tqdm
 
@@ -161,10 +183,17 @@ def write_experts(out: Path, config: dict, moe_layers, bits: int, group_size: in
     E = _num_experts(config)
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}
     first = random_expert(rng, shapes, bits)
-    writer = ExpertShardWriter(out, {k: mx.array(v) for k, v in first.items()}, E, moe_layers, q,
-                               int(shard_size_gb * 1e9))
+    writer = ExpertShardWriter(
+        out, {k: mx.array(v) for k, v in first.items()}, E, moe_layers, q, int(shard_size_gb * 1e9)
+    )
     rec = expert_nbytes(config, bits, group_size)
-    bar = tqdm(total=rec * E * len(moe_layers), unit="B", unit_scale=True, desc="experts", disable=not progress)
+    bar = tqdm(
+        total=rec * E * len(moe_layers),
+        unit="B",
+        unit_scale=True,
+        desc="experts",
+        disable=not progress,
+    )
     for l in moe_layers:
         for e in range(E):
             arrays = first if first is not None else random_expert(rng, shapes, bits)
@@ -177,10 +206,13 @@ def write_experts(out: Path, config: dict, moe_layers, bits: int, group_size: in
 
 def estimate_nbytes(config: dict, bits: int, group_size: int) -> Dict[str, int]:
     """Expert and (roughly) resident bytes, to check the disk before writing."""
-    experts = expert_nbytes(config, bits, group_size) * _num_experts(config) * len(moe_layer_ids(config))
+    experts = (
+        expert_nbytes(config, bits, group_size) * _num_experts(config) * len(moe_layer_ids(config))
+    )
     D, V, L = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     shared = config.get("shared_expert_intermediate_size") or (
-        config.get("n_shared_experts", 0) * config["moe_intermediate_size"])
+        config.get("n_shared_experts", 0) * config["moe_intermediate_size"]
+    )
     params = 2 * V * D + L * (4 * D * D + 3 * D * shared)
     return {"experts": experts, "resident": int(params * (bits + 64 / group_size) / 8)}
 
@@ -191,8 +223,16 @@ def _check_disk(path: Path, need: int):
         raise OSError(f"{path}: needs about {need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free")
 
 
-def generate(out, config: dict, bits: int = 4, group_size: int = 64, seed: int = 0,
-             shard_size_gb: float = 2.0, force: bool = False, progress: bool = True) -> Path:
+def generate(
+    out,
+    config: dict,
+    bits: int = 4,
+    group_size: int = 64,
+    seed: int = 0,
+    shard_size_gb: float = 2.0,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Write a random model with ``config``'s shapes to ``out`` (sharded layout)."""
     from mlx_lm.utils import save_config
 
@@ -207,10 +247,14 @@ def generate(out, config: dict, bits: int = 4, group_size: int = 64, seed: int =
     _check_disk(out.parent, est["experts"] + est["resident"])
     with atomic_dir(out, force=force) as tmp:
         cfg, moe_layers = write_resident(tmp, config, bits, group_size, seed)
-        layout = write_experts(tmp, config, moe_layers, bits, group_size, seed + 1,
-                               shard_size_gb, progress)
-        cfg["odmoe"] = {"format": FORMAT_VERSION, "expert_bytes": layout.record_nbytes,
-                        "experts_total_bytes": layout.total_nbytes}
+        layout = write_experts(
+            tmp, config, moe_layers, bits, group_size, seed + 1, shard_size_gb, progress
+        )
+        cfg["odmoe"] = {
+            "format": FORMAT_VERSION,
+            "expert_bytes": layout.record_nbytes,
+            "experts_total_bytes": layout.total_nbytes,
+        }
         save_config(cfg, config_path=tmp / "config.json")
         write_tokenizer(tmp)
     return out
@@ -247,12 +291,22 @@ def export_stock(model_dir, out, force: bool = False, progress: bool = True) -> 
     with atomic_dir(Path(out), force=force) as tmp:
         for f in model_dir.glob("model*.safetensors"):
             _link_or_copy(f, tmp / f.name)
-        bar = tqdm(total=layout.total_nbytes, unit="B", unit_scale=True, desc="stacked experts", disable=not progress)
+        bar = tqdm(
+            total=layout.total_nbytes,
+            unit="B",
+            unit_scale=True,
+            desc="stacked experts",
+            disable=not progress,
+        )
         for l in layout.moe_layers:
             recs = [record_to_arrays(reader.read(l, e), layout) for e in range(layout.num_experts)]
-            stacked = {f"model.layers.{l}.mlp.switch_mlp.{t.name}": mx.stack([r[t.name] for r in recs])
-                       for t in layout.tensors}
-            mx.save_safetensors(str(tmp / f"model-experts-{l:04d}.safetensors"), stacked, metadata={"format": "mlx"})
+            stacked = {
+                f"model.layers.{l}.mlp.switch_mlp.{t.name}": mx.stack([r[t.name] for r in recs])
+                for t in layout.tensors
+            }
+            mx.save_safetensors(
+                str(tmp / f"model-experts-{l:04d}.safetensors"), stacked, metadata={"format": "mlx"}
+            )
             del recs, stacked
             bar.update(layout.record_nbytes * layout.num_experts)
         bar.close()
@@ -273,7 +327,9 @@ def _link_or_copy(src: Path, dst: Path):
         shutil.copy(src, dst)
 
 
-def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:
+def affine4_to_q4_1(
+    w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int
+) -> np.ndarray:
     """MLX affine 4-bit rows as llama.cpp Q4_1 blocks, exactly.
 
     MLX packs 8 codes per uint32, lowest bits first, with a scale and bias
@@ -293,8 +349,10 @@ def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
     per = group_size // 32
     d = np.repeat(scales.reshape(rows, -1), per, axis=-1).astype(np.float16)
     m = np.repeat(biases.reshape(rows, -1), per, axis=-1).astype(np.float16)
-    if not (np.array_equal(d.astype(np.float32), np.repeat(scales.reshape(rows, -1), per, axis=-1))
-            and np.array_equal(m.astype(np.float32), np.repeat(biases.reshape(rows, -1), per, axis=-1))):
+    if not (
+        np.array_equal(d.astype(np.float32), np.repeat(scales.reshape(rows, -1), per, axis=-1))
+        and np.array_equal(m.astype(np.float32), np.repeat(biases.reshape(rows, -1), per, axis=-1))
+    ):
         raise ValueError("scales/biases are not float16-exact; Q4_1 would change the weights")
     blocks = np.empty((rows, cols // 32, 20), dtype=np.uint8)
     blocks[..., 0:2] = d.view(np.uint8).reshape(rows, cols // 32, 2)
@@ -326,7 +384,11 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
     model_dir, path = Path(model_dir), Path(path)
     config = _odmoe_config(model_dir)
     q = config.get("quantization") or {}
-    if config["model_type"] not in _EXPORTABLE or q.get("bits") != 4 or q.get("mode", "affine") != "affine":
+    if (
+        config["model_type"] not in _EXPORTABLE
+        or q.get("bits") != 4
+        or q.get("mode", "affine") != "affine"
+    ):
         raise ValueError("GGUF export needs a 4-bit affine qwen2_moe_odmoe model")
     gs = q["group_size"]
     hf_config = dict(config, model_type=STOCK_TYPE_OF[config["model_type"]])
@@ -345,8 +407,12 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
         layer, _, rest = key.partition("model.layers.")[2].partition(".")
         name = global_names.get(key) or f"blk.{layer}.{layer_names[rest]}"
         base = key.rsplit(".", 1)[0]
-        if not key.endswith(".weight") or f"{base}.scales" not in weights:  # norms, attention biases
-            tensors.append(PlannedTensor(name, tuple(value.shape), QType.F32, lambda v=value: np.array(v)))
+        if (
+            not key.endswith(".weight") or f"{base}.scales" not in weights
+        ):  # norms, attention biases
+            tensors.append(
+                PlannedTensor(name, tuple(value.shape), QType.F32, lambda v=value: np.array(v))
+            )
             continue
         shape = (value.shape[0], value.shape[1] * 8)
         s, b = weights[f"{base}.scales"], weights[f"{base}.biases"]
@@ -354,12 +420,21 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
             make = lambda v=value, s=s, b=b: np.array(mx.dequantize(v, s, b, gs, 4))  # noqa: E731
             tensors.append(PlannedTensor(name, shape, QType.F32, make))
         else:
-            make = lambda v=value, s=s, b=b: affine4_to_q4_1(np.array(v), np.array(s), np.array(b), gs)  # noqa: E731
+
+            def make(v=value, s=s, b=b):
+                return affine4_to_q4_1(np.array(v), np.array(s), np.array(b), gs)
+
             tensors.append(PlannedTensor(name, shape, QType.Q4_1, make, raw=True))
 
     reader = ShardedFolderReader(model_dir, verify=False)
     layout = reader.layout
-    bar = tqdm(total=layout.total_nbytes, unit="B", unit_scale=True, desc="gguf experts", disable=not progress)
+    bar = tqdm(
+        total=layout.total_nbytes,
+        unit="B",
+        unit_scale=True,
+        desc="gguf experts",
+        disable=not progress,
+    )
     cache = {}
 
     def layer_experts(l):
@@ -367,7 +442,9 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
         if l not in cache:
             cache.clear()
             recs = [record_to_arrays(reader.read(l, e), layout) for e in range(layout.num_experts)]
-            cache[l] = {t.name: np.stack([np.array(r[t.name]) for r in recs]) for t in layout.tensors}
+            cache[l] = {
+                t.name: np.stack([np.array(r[t.name]) for r in recs]) for t in layout.tensors
+            }
             bar.update(layout.record_nbytes * layout.num_experts)
         return cache[l]
 
@@ -402,34 +479,66 @@ def main(argv=None):
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS) + [TINY_PRESET])
-    src.add_argument("--config", help="A Hugging Face config.json (qwen2_moe, deepseek_v3, kimi_k2) to take shapes from.")
+    src.add_argument(
+        "--config",
+        help="A Hugging Face config.json (qwen2_moe, deepseek_v3, kimi_k2) to take shapes from.",
+    )
     p.add_argument("--out", required=True, help="Output model folder (sharded layout).")
-    p.add_argument("--layers", type=int, help="Keep only the first N decoder layers (smaller, faster runs).")
-    p.add_argument("--vocab-size", type=int, help="Override the vocabulary size (a big embedding and lm_head "
-                   "dominate decode on slow CPUs and hide the experts' cost).")
+    p.add_argument(
+        "--layers", type=int, help="Keep only the first N decoder layers (smaller, faster runs)."
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="Override the vocabulary size (a big embedding and lm_head "
+        "dominate decode on slow CPUs and hide the experts' cost).",
+    )
     p.add_argument("--bits", type=int, default=4, choices=(4, 8))
     p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-gb", type=float, default=2.0)
-    p.add_argument("--stock", help="Also write the same model as a stock mlx-lm checkpoint here (qwen2_moe).")
-    p.add_argument("--gguf", help="Also write the same model as a llama.cpp GGUF file here (qwen2_moe, 4-bit).")
+    p.add_argument(
+        "--stock", help="Also write the same model as a stock mlx-lm checkpoint here (qwen2_moe)."
+    )
+    p.add_argument(
+        "--gguf", help="Also write the same model as a llama.cpp GGUF file here (qwen2_moe, 4-bit)."
+    )
     p.add_argument("--force", action="store_true", help="Replace existing output folders.")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     config = shrink(load_preset(args.preset, args.config), args.layers, args.vocab_size)
     est = estimate_nbytes(config, args.bits, args.group_size)
-    print(f"{config['num_hidden_layers']} layers, {_num_experts(config)} experts per MoE layer: "
-          f"~{est['experts'] / 1e9:.2f} GB of experts, ~{est['resident'] / 1e9:.2f} GB resident", flush=True)
+    print(
+        f"{config['num_hidden_layers']} layers, {_num_experts(config)} experts per MoE layer: "
+        f"~{est['experts'] / 1e9:.2f} GB of experts, ~{est['resident'] / 1e9:.2f} GB resident",
+        flush=True,
+    )
     progress = not args.no_progress
     out = Path(args.out)
-    if out.exists() and not args.force and (out / "experts" / "index.json").exists() and (args.stock or args.gguf):
+    if (
+        out.exists()
+        and not args.force
+        and (out / "experts" / "index.json").exists()
+        and (args.stock or args.gguf)
+    ):
         print(f"{out} exists: exporting from it")
     else:
-        generate(out, config, args.bits, args.group_size, args.seed, args.shard_size_gb, args.force, progress)
+        generate(
+            out,
+            config,
+            args.bits,
+            args.group_size,
+            args.seed,
+            args.shard_size_gb,
+            args.force,
+            progress,
+        )
         print(f"model: {out}")
     if args.stock:
-        print(f"stock mlx-lm copy: {export_stock(out, args.stock, force=args.force, progress=progress)}")
+        print(
+            f"stock mlx-lm copy: {export_stock(out, args.stock, force=args.force, progress=progress)}"
+        )
     if args.gguf:
         print(f"GGUF copy: {export_gguf(out, args.gguf, progress=progress)}")
     return 0

@@ -141,8 +141,16 @@ def export_hf(model_dir, out_dir) -> Path:
         for proj in ("gate_proj", "up_proj", "down_proj"):
             w = pool[f"{proj}.weight"]
             if q:
-                w = mx.dequantize(w, pool[f"{proj}.scales"], pool.get(f"{proj}.biases"), q["group_size"], q["bits"])
-            params[f"model.layers.{l}.mlp.switch_mlp.{proj}.weight"] = np.array(w.astype(mx.float32))
+                w = mx.dequantize(
+                    w,
+                    pool[f"{proj}.scales"],
+                    pool.get(f"{proj}.biases"),
+                    q["group_size"],
+                    q["bits"],
+                )
+            params[f"model.layers.{l}.mlp.switch_mlp.{proj}.weight"] = np.array(
+                w.astype(mx.float32)
+            )
     config = json.loads((Path(model_dir) / "config.json").read_text())
     config["model_type"] = STOCK_TYPE_OF[config["model_type"]]
     for k in ("odmoe", "quantization", "quantization_config"):
@@ -166,22 +174,36 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = [json.dumps(TINY_QWEN2_MOE), json.dumps(TINY_KIMI), "def hello(world):\n    return world * 2\n"] * 20
+    text = [
+        json.dumps(TINY_QWEN2_MOE),
+        json.dumps(TINY_KIMI),
+        "def hello(world):\n    return world * 2\n",
+    ] * 20
     tok.train_from_iterator(text, trainer)
     out_dir = Path(out_dir)
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": "<|endoftext|>",
-        "bos_token": None,
-        "pad_token": "<|endoftext|>",
-        "model_max_length": 2048,
-        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
-    }))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "<|endoftext|>",
+                "bos_token": None,
+                "pad_token": "<|endoftext|>",
+                "model_max_length": 2048,
+                "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
+            }
+        )
+    )
 
 
-def write_hf_checkpoint(out_dir, config: dict, seed: int = 0, shards: int = 1,
-                        dtype: str = "float32", weights: Optional[dict] = None) -> Path:
+def write_hf_checkpoint(
+    out_dir,
+    config: dict,
+    seed: int = 0,
+    shards: int = 1,
+    dtype: str = "float32",
+    weights: Optional[dict] = None,
+) -> Path:
     """Write config.json, tokenizer and safetensors weights (``shards`` files
     with a ``model.safetensors.index.json`` when more than one). float32 and
     float16 go through the ``safetensors`` library; bfloat16, which numpy
@@ -191,14 +213,18 @@ def write_hf_checkpoint(out_dir, config: dict, seed: int = 0, shards: int = 1,
     weights = weights if weights is not None else hf_weights(config, seed)
     keys = sorted(weights)
     parts = [keys[i::shards] for i in range(shards)]
-    names = ["model.safetensors"] if shards == 1 else [
-        f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)
-    ]
+    names = (
+        ["model.safetensors"]
+        if shards == 1
+        else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    )
     for name, part in zip(names, parts):
         _save({k: weights[k] for k in part}, out / name, dtype)
     if shards > 1:
         weight_map = {k: name for name, part in zip(names, parts) for k in part}
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     cfg = dict(config, torch_dtype=dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     write_tokenizer(out)
@@ -209,10 +235,15 @@ def _save(tensors: dict, path: Path, dtype: str):
     if dtype == "bfloat16":
         import mlx.core as mx
 
-        mx.save_safetensors(str(path), {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()},
-                            metadata={"format": "pt"})
+        mx.save_safetensors(
+            str(path),
+            {k: mx.array(v).astype(mx.bfloat16) for k, v in tensors.items()},
+            metadata={"format": "pt"},
+        )
         return
     from safetensors.numpy import save_file
 
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
-    save_file({k: v.astype(np_dtype) for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    save_file(
+        {k: v.astype(np_dtype) for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
+    )
