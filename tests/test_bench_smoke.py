@@ -207,14 +207,36 @@ def test_doctor_forecasts_kimi_from_its_config(capsys):
     assert 0 < f["residency"] < 0.2 and f["tok_s"] > 0
 
 
-def test_moe_vs_dense_benchmark_writes_its_table_and_plot(tmp_path):
+def run_moe_vs_dense(*args):
     script = SHIPPED.parent / "benchmarks" / "moe_vs_dense.py"
-    args = ["--shapes", "tiny-qwen2-moe", "--reps", "1", "--prefill", "4", "--out", tmp_path]
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120
     )
+
+
+def test_moe_vs_dense_benchmark_writes_its_table_and_plot(tmp_path):
+    args = ["--shapes", "tiny-qwen2-moe", "--reps", "1", "--min-time", "0", "--prefill", "16"]
+    proc = run_moe_vs_dense(*args, "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "results.md").read_text()
-    for layer in ("| moe |", "| dense-total |", "| dense-active |"):
-        assert layer in table
+    for precision in ("float32", "4bit"):
+        for layer in ("moe", "moe-odmoe", "dense-total", "dense-active"):
+            assert f"| tiny-qwen2-moe | {precision} | {layer} |" in table
+    assert "Load average" in table and "not measured (1 repetition)" in table
     assert (tmp_path / "moe_vs_dense.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    flops = {r["layer"]: r["flops_per_token"] for r in rows if r["precision"] == "float32"}
+    # The MoE layer does a token's share of the work: the dense-active layer's
+    # FLOPs plus its router and shared-expert gate, a small fraction of dense-total's.
+    assert flops["moe"] == flops["moe-odmoe"]
+    assert flops["dense-active"] < flops["moe"] < 1.02 * flops["dense-active"]
+    assert flops["dense-total"] > 5 * flops["moe"]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+
+
+def test_moe_vs_dense_benchmark_names_an_unknown_shape(tmp_path):
+    proc = run_moe_vs_dense("--shapes", "tiny-mixtral", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "error: --shapes: unknown shape 'tiny-mixtral'" in proc.stderr
+    assert "tiny-qwen2-moe" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
