@@ -60,3 +60,6 @@ $PY -m mlx_lm_odmoe.tools.doctor $DATA/qwen15-moe-synth --memory 4.47GB --budget
 $PY -m mlx_lm_odmoe.tools.doctor --config tests/data/kimi-k2.5.config.json --memory 128GB --disk-gbps 0.75 --compute-gbps 0.66
 $PY -m mlx_lm_odmoe.tools.doctor --config tests/data/qwen2-57b-a14b.config.json --memory 24GB \
     --disk-gbps 0.75 --compute-gbps 0.66 --scale-bytes 4 --dtype-bytes 4
+
+# 6. One MoE layer against dense layers of the same total / active parameters.
+$PY benchmarks/moe_vs_dense.py --reps 5 --out $RES/moe-vs-dense
