@@ -61,7 +61,7 @@ MIN_PROBE_BYTES = 64 * 2**20  # smaller files time the call, not the disk
 # Measured decode / this forecast on the checks in
 # benchmarks/results/doctor-forecast.md; update both together.
 TRUST = (
-    "measured decode was 0.83-1.31x this forecast on the shipped models (idle CPU); "
+    "measured decode was 0.74-1.31x this forecast on the shipped models (idle to lightly loaded CPU); "
     "not yet checked where disk reads dominate: measure with mlx_lm_odmoe.bench"
 )
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
