@@ -158,7 +158,7 @@ def test_bench_on_a_missing_folder_says_so(tmp_path):
     for args in ([tmp_path / "does-not-exist"], ["--model", "does-not-exist"]):
         proc = run_cli("mlx_lm_odmoe.bench", *args, "--out", tmp_path / "out")
         assert proc.returncode == 2
-        assert "does-not-exist: no such folder" in proc.stderr and "org/name" in proc.stderr
+        assert "does-not-exist does not exist" in proc.stderr and "org/name" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,6 @@ RUFF = Path(sys.executable).parent / "ruff"
     "args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"]
 )
 def test_ruff_passes(args):
-    if not RUFF.exists():
-        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    assert RUFF.exists(), "ruff is not installed: pip install -e '.[test]'"
     proc = subprocess.run([str(RUFF), *args], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -420,29 +419,16 @@ def model_sizes(model: Path) -> Dict[str, int]:
     return {"resident_bytes": resident, "expert_bytes": experts}
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
 def model_folder(value: str, what: str = "--model") -> Path:
     """--model as a folder on this machine (bench reads its files itself); a
     Hub id is downloaded first, as mlx_lm.load does. Raises ValueError."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{what} {value}: is a file, not a model folder")
-    if not _HUB_ID.fullmatch(value):
-        raise ValueError(
-            f"{what} {value}: no such folder (a Hugging Face Hub id has the form org/name)"
-        )
-    from mlx_lm.utils import _download
+    from ..errors import ModelNotFoundError
+    from ..loading import resolve_model_path
 
     try:
-        return Path(_download(value))
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"{what} {value}: no such folder here, and not a Hub repo that can be fetched ({e})"
-        ) from e
+        return resolve_model_path(value)
+    except ModelNotFoundError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def parse_limit(value: str, total: int) -> int:
