@@ -33,6 +33,13 @@ def moe_layers_of(model) -> list:
     return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
 
 
+def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Routes ``ids`` (expert ids) rewritten to the experts' pool slots."""
+    remap = np.zeros(store.layout.num_experts, dtype=np.int32)
+    remap[experts] = slots
+    return remap[ids]
+
+
 class OnDemandSwitchGLU(nn.Module):
     def __init__(self, runtime, layer: int, input_dims: int, hidden_dims: int, num_experts: int):
         super().__init__()
@@ -112,10 +119,7 @@ class OnDemandSwitchGLU(nn.Module):
         store.telemetry.record_routes(self.layer, ids)
         store.telemetry.score_prediction(self.layer, experts)
         if len(experts) <= store.capacity(self.layer):
-            pool, slots = store.fetch(self.layer, experts)
-            remap = np.zeros(store.layout.num_experts, dtype=np.int32)
-            remap[experts] = slots
-            y = self._run(store, pool, x, mx.array(remap[ids]))
+            y = self._routed(store, x, ids, experts)
             # Start the experts now: they compute while Python builds the
             # rest of the layer and the next one up to its router's sync.
             mx.async_eval(y)
@@ -123,6 +127,43 @@ class OnDemandSwitchGLU(nn.Module):
                 self._prefetch(store, guesses_of(ids))
             return y
         return self._expert_major(store, x, ids, experts)
+
+    def _routed(self, store, x, ids, experts):
+        """The routed experts' outputs [..., k, D] for routes ``ids``."""
+        begin = getattr(store, "begin_fetch", None)
+        if begin is None:
+            pool, slots = store.fetch(self.layer, experts)
+            return self._run(store, pool, x, mx.array(_slot_ids(store, experts, slots, ids)))
+        f = begin(self.layer, experts)
+        slot_ids = _slot_ids(store, experts, f.slots, ids)
+        if not f.pending or ids.size != ids.shape[-1]:
+            f.wait_all()
+            return self._run(store, f.pool, x, mx.array(slot_ids))
+        # One token whose reads are still landing: each expert computes as
+        # soon as its weights are in, the resident ones first, while the
+        # rest are read. Every route's output still comes from its expert's
+        # full weights; putting the routes back in order is a copy, so the
+        # combine sees exactly what one call would have produced.
+        route_pos = np.searchsorted(experts, ids.reshape(-1))
+        parts, order = [], []
+
+        def run(routes):
+            sel = slot_ids.reshape(-1)[routes].reshape(ids.shape[:-1] + (len(routes),))
+            y = self._run(store, f.pool, x, mx.array(sel))
+            mx.async_eval(y)
+            parts.append(y)
+            order.extend(routes)
+
+        for i in [i for i in f.pending if f.ready(i)]:
+            f.wait(i)
+        resident = [j for j, i in enumerate(route_pos) if i not in f.pending]
+        if resident:
+            run(resident)
+        while f.pending:
+            i = f.wait_any()
+            run([j for j, p in enumerate(route_pos) if p == i])
+        y = mx.concatenate(parts, axis=-2)
+        return mx.take(y, mx.array(np.argsort(order)), axis=-2)
 
     def _predict(self, predictor, x, indices):
         """Guesses for the next layers from each row's newest token, as

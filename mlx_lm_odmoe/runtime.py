@@ -83,6 +83,17 @@ class ExpertRuntime:
         self._store = store
         return store
 
+    def attach_predictor(self, predictor):
+        """Prefetch with ``predictor`` (research, tests). A store planned
+        without prediction gets ``prefetch_staging`` staging slots per layer
+        on top of its budget."""
+        self.predictor = predictor
+        self.prefetch_state = "on"
+        store = self.store
+        if predictor is not None and getattr(store, "staging", None) == 0:
+            store.set_staging(self.settings.prefetch_staging)
+        return predictor
+
     def open(self):
         if self._store is not None:
             return self._store
@@ -101,17 +112,16 @@ class ExpertRuntime:
             plan = self._plan(layout, len(layers), self.settings.prefetch_staging)
             if plan.staging == 0:
                 self.predictor = None
-        self.budget, slots, staging = plan.budget_bytes, plan.slots, plan.staging
-        if self.predictor is None:  # room for one attached later (research, tests)
-            staging = self.settings.prefetch_staging
+                self.prefetch_state = "off (the budget leaves no staging slots)"
+        self.budget = plan.budget_bytes
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
         store = CachedStore(
             reader,
-            slots,
+            plan.slots,
             policy=self._policy(),
             threads=self.settings.read_threads,
             telemetry=telemetry,
-            max_staged=staging * len(layers),
+            staging=plan.staging if self.predictor is not None else 0,
         )
         if store.identity and self.settings.preload:
             store.warm(layers)
@@ -127,9 +137,10 @@ class ExpertRuntime:
         return {"lru": LRUPolicy, "lfu-decay": LFUDecayPolicy}[self.settings.policy]()
 
     def _load_predictor(self, reader):
-        """The model folder's shadow model: ``on``, ``off``, or ``auto``
-        (the default), which uses it only when reads are slow enough for
-        prefetching to pay for the prediction."""
+        """The model folder's shadow model, else the free router lookahead
+        (later layers' routers on this layer's input): ``on``, ``off``, or
+        ``auto`` (the default), which predicts only when reads are slow
+        enough for prefetching to pay for the prediction."""
         choice = self.settings.predictor
         model = self.model_ref() if self.model_ref else None
         if choice == "off" or model is None:
@@ -138,15 +149,6 @@ class ExpertRuntime:
         from .predict import load_predictor
         from .store.readers import probe_read_seconds
 
-        predictor = load_predictor(model, self.model_dir)
-        if predictor is None:
-            if choice == "on":
-                raise FileNotFoundError(
-                    f"{self.model_dir}: predictor 'on' but no shadow.safetensors/shadow.json here; "
-                    "train one with mlx_lm_odmoe.train_shadow"
-                )
-            self.prefetch_state = "off (no shadow model)"
-            return None
         if choice == "auto":
             # Experts that arrive in microseconds (page cache, small experts)
             # leave no read time to hide: prediction would only cost time.
@@ -155,6 +157,12 @@ class ExpertRuntime:
             if t < floor:
                 self.prefetch_state = f"off (reads take {t * 1e3:.2f} ms < {floor * 1e3:g} ms)"
                 return None
+        predictor = load_predictor(model, self.model_dir)
+        if predictor is None:  # no trained shadow model: the routers themselves
+            from .predict.baselines import RouterLookahead
+
+            layers = self._layers(reader.layout)
+            predictor = RouterLookahead(model, layers, self.prefetch_distance)
         self.prefetch_state = "on"
         return predictor
 

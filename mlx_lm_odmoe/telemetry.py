@@ -68,6 +68,7 @@ class Telemetry:
             self.prefetched_bytes = 0
             self.prefetch_hits = 0
             self.wasted_bytes = 0
+            self.read_wait_s = 0.0  # host time blocked on expert reads
             self.predicted = {}  # target layer -> experts predicted for it
             self.recall_hits = 0
             self.recall_total = 0
@@ -173,6 +174,10 @@ class Telemetry:
                 self.recall_hits += len(guess.intersection(int(e) for e in experts))
                 self.recall_total += len(experts)
 
+    def record_stall(self, seconds: float):
+        with self._lock:
+            self.read_wait_s += seconds
+
     def record_evictions(self, n: int):
         with self._lock:
             self.evictions += n
@@ -222,6 +227,7 @@ class Telemetry:
                 "prefetched_bytes": int(self.prefetched_bytes),
                 "prefetch_hits": int(self.prefetch_hits),
                 "wasted_bytes": int(self.wasted_bytes),
+                "read_wait_s": float(self.read_wait_s),
                 "predictor_recall": self.recall_hits / self.recall_total
                 if self.recall_total
                 else None,
@@ -288,6 +294,8 @@ class ExpertStats:
     prefetch_hits: int
     wasted_bytes: int
     predictor_recall: Optional[float]
+    # Host time the forward pass spent blocked on expert reads (stall)
+    read_wait_s: float = 0.0
 
     def __getitem__(self, key):
         # Scripts written against the dict this used to be keep working.

@@ -90,3 +90,25 @@ def test_stock_mlx_lm_load_uses_config_budget(models, stock, tmp_path):
         )
         == 0.0
     )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("precision", ["f32", "q4"])
+@pytest.mark.parametrize("budget", ["50%", "min"])
+def test_slow_reads_streamed_and_prefetched_stay_bit_identical(
+    models, stock, kind, precision, budget
+):
+    """Where reads are slow (the disk, not the page cache), a token's
+    experts compute one by one as their reads land and the routers'
+    lookahead prefetches the next layer: the logits do not change."""
+    folder = models(kind, "odmoe" if precision == "f32" else "odmoe_q4")
+    odmoe = {"predictor": "on", "prefetch_min_read_ms": 0}
+    model, _ = mlx_lm_odmoe.load(folder, expert_cache=budget, model_config={"odmoe": odmoe})
+    model.expert_runtime.store.inline_read_s = -1  # every read to the threads
+    prompt = prompt_tokens(7, seed=5)
+    want = prefill_and_decode(stock(kind, precision), prompt, steps=12)
+    assert max_abs_diff(want, prefill_and_decode(model, prompt, steps=12)) == 0.0
+    s = mlx_lm_odmoe.stats(model)
+    assert s["misses"] > 0 and s["read_wait_s"] > 0
+    if budget == "50%":
+        assert s["prefetch"] == "on" and s["prefetched_bytes"] > 0

@@ -8,6 +8,7 @@ from logits import max_abs_diff, prefill_and_decode, prompt_tokens
 
 import mlx_lm_odmoe
 from mlx_lm_odmoe.predict.base import ExpertPredictor, later_layers
+from mlx_lm_odmoe.store import CachedStore, ShardedFolderReader
 
 
 class SameAsThisLayer(ExpertPredictor):
@@ -48,8 +49,7 @@ class Oracle(ExpertPredictor):
 
 
 def attach(model, predictor):
-    model.expert_runtime.predictor = predictor
-    return predictor
+    return model.expert_runtime.attach_predictor(predictor)
 
 
 def test_prefetch_keeps_outputs_bit_identical(models):
@@ -95,15 +95,24 @@ def test_a_perfect_predictor_turns_misses_into_hits(models):
     assert s["wasted_bytes"] == 0
 
 
-def test_staging_is_bounded_and_drops_count_as_waste(models):
-    model, _ = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min")
-    store = model.expert_runtime.store
-    store.max_staged = 3
-    store.prefetch(1, np.arange(8))  # 8 guesses, room for 3
+def test_staging_is_bounded_unused_guesses_are_waste_and_used_ones_cost_no_copy(models):
+    folder = models("qwen2_moe", "odmoe")
+    store = CachedStore(ShardedFolderReader(folder), slots_per_layer=4, staging=3)
+    rec = store.layout.record_nbytes
+    store.fetch(1, np.arange(4))  # the working set
+    store.prefetch(1, np.arange(4, 12))  # 8 guesses, room for 3: the rest are not read
     s = store.telemetry.snapshot()
-    assert len(store._staged) == 3 and s["wasted_bytes"] == 5 * store.layout.record_nbytes
-    # Nothing resident was evicted to make room.
-    assert store.telemetry.snapshot()["evictions"] == 0
+    assert s["prefetched_bytes"] == 3 * rec and s["evictions"] == 0
+    # The layer then uses one guess: it becomes resident where it was read.
+    before = s["bytes_read"]
+    pool, slots = store.fetch(1, np.array([0, 1, 2, 4]))
+    s = store.telemetry.snapshot()
+    assert s["bytes_read"] == before and s["prefetch_hits"] == 1
+    assert s["wasted_bytes"] == 2 * rec  # the two guesses it did not use
+    want = CachedStore(ShardedFolderReader(folder), slots_per_layer=4)
+    wpool, wslots = want.fetch(1, np.array([0, 1, 2, 4]))
+    for name in pool:
+        assert mx.array_equal(pool[name][mx.array(slots)], wpool[name][mx.array(wslots)]).item()
 
 
 SHIPPED = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "tiny-qwen2-moe"
@@ -132,14 +141,28 @@ def test_prediction_on_and_off_are_obeyed():
     assert load_shipped(predictor="off").expert_runtime.predictor is None
 
 
-def test_bad_predictor_settings_are_clear_errors(models):
+def test_bad_predictor_settings_are_clear_errors():
     import pytest
 
     with pytest.raises(ValueError, match="predictor.*'sometimes'.*auto, on, off"):
         load_shipped(predictor="sometimes")
-    with pytest.raises(FileNotFoundError, match="no shadow.safetensors.*train_shadow"):
-        mlx_lm_odmoe.load(
-            models("qwen2_moe", "odmoe"),
-            expert_cache="min",
-            model_config={"odmoe": {"predictor": "on"}},
-        )
+
+
+def test_without_a_shadow_model_the_routers_themselves_predict(models):
+    from mlx_lm_odmoe.predict.baselines import RouterLookahead
+
+    model, _ = mlx_lm_odmoe.load(
+        models("qwen2_moe", "odmoe"),
+        expert_cache="50%",
+        model_config={"odmoe": {"predictor": "on"}},
+    )
+    assert isinstance(model.expert_runtime.predictor, RouterLookahead)
+    assert mlx_lm_odmoe.stats(model)["prefetch"] == "on"
+    # At the minimum budget there is no room to stage guesses: prediction is off, and says why.
+    model, _ = mlx_lm_odmoe.load(
+        models("qwen2_moe", "odmoe"),
+        expert_cache="min",
+        model_config={"odmoe": {"predictor": "on"}},
+    )
+    assert model.expert_runtime.predictor is None
+    assert "no staging" in mlx_lm_odmoe.stats(model)["prefetch"]

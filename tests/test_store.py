@@ -9,7 +9,13 @@ from safetensors import safe_open
 
 import mlx_lm_odmoe
 from mlx_lm_odmoe.budget import BudgetError, parse_budget, slots_for_budget
-from mlx_lm_odmoe.store import CachedStore, LRUPolicy, ShardedFolderReader, StackedCheckpointReader
+from mlx_lm_odmoe.store import (
+    CachedStore,
+    ExpertReader,
+    LRUPolicy,
+    ShardedFolderReader,
+    StackedCheckpointReader,
+)
 from mlx_lm_odmoe.store.records import record_to_arrays
 
 
@@ -112,48 +118,44 @@ def test_stats_are_logged_at_an_interval(models, monkeypatch, caplog):
     assert any("experts: hit rate" in r.message for r in caplog.records)
 
 
-class _SlowCountingReader:
-    """A real reader that takes a millisecond per read (the first 30) and
-    counts how many read buffers are alive at once."""
+class _SlowReader(ExpertReader):
+    """A real reader that takes 20 ms per read and counts reads in flight."""
 
     def __init__(self, base):
         import threading
-        import weakref
 
         self.base, self.layout, self.live, self.peak = base, base.layout, 0, 0
-        self._lock, self._weakref = threading.Lock(), weakref
+        self._lock = threading.Lock()
 
-    def _gone(self):
-        with self._lock:
-            self.live -= 1
-
-    def read(self, layer, expert):
+    def read_into(self, layer, expert, dests):
         import time
 
-        time.sleep(0.03 if expert == 0 else 0.001)
-        buf = self.base.read(layer, expert)
         with self._lock:
             self.live += 1
             self.peak = max(self.peak, self.live)
-        self._weakref.finalize(buf, self._gone)
-        return buf
+        time.sleep(0.02)
+        self.base.read_into(layer, expert, dests)
+        with self._lock:
+            self.live -= 1
 
     def close(self):
         self.base.close()
 
 
-def test_a_long_miss_list_streams_through_a_bounded_window(models):
-    """Slow reads go to the thread pool a few at a time and are copied into
-    the pool in small batches, so the records waiting in memory stay few
-    however many experts a prompt misses; the result is the same."""
+def test_slow_reads_of_a_layer_run_together_straight_into_the_pool(models):
+    """A layer's misses go to the read threads at once (the disk sees them
+    together) and land in their slots with nothing copied after; the pool
+    then holds exactly the experts' bytes."""
     folder = models("qwen2_moe", "odmoe")
-    reader = _SlowCountingReader(ShardedFolderReader(folder))
-    store = CachedStore(reader, slots_per_layer=8, threads=2)
-    store.eval_bytes = 2 * store.layout.record_nbytes  # batches of two records
-    store.inline_read_s = 0  # every read counts as slow: the pool path
-    pool, slots = store.fetch(1, np.arange(8))
-    assert reader.peak <= 2 + 2 + 1  # a batch, the window (2 threads), the one read here
+    reader = _SlowReader(ShardedFolderReader(folder))
+    store = CachedStore(reader, slots_per_layer=8, threads=4)
+    store.inline_read_s = -1  # every read counts as slow: the thread path
+    f = store.begin_fetch(1, np.arange(8))
+    assert len(f.pending) == 8
+    f.wait_all()
+    assert reader.peak == 4 and store.telemetry.snapshot()["read_wait_s"] > 0
     plain = CachedStore(ShardedFolderReader(folder), slots_per_layer=8)
     want, want_slots = plain.fetch(1, np.arange(8))
-    for name in pool:
-        assert mx.array_equal(pool[name][mx.array(slots)], want[name][mx.array(want_slots)]).item()
+    for name in f.pool:
+        got = f.pool[name][mx.array(f.slots)]
+        assert mx.array_equal(got, want[name][mx.array(want_slots)]).item()

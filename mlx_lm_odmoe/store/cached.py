@@ -1,12 +1,9 @@
 """A byte-budgeted expert cache over a reader."""
 
-import ctypes
-import itertools
-import sys
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -16,45 +13,115 @@ from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
 from .readers import ExpertReader
-from .records import mx_dtype, records_to_arrays
-
-
-def _return_large_frees_to_the_os():
-    """Expert records are megabytes each, read and freed all the time. glibc
-    raises its mmap threshold after the first such free, so later ones come
-    from the heap, whose pages stay with the process once freed: peak RSS
-    then drifts above budget + resident weights. Pinning the threshold
-    (1 MB) keeps large buffers mmapped, returned on free. (macOS's malloc
-    does this by itself.)"""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc
+from .records import mx_dtype, records_to_arrays, writable_rows
 
 
 class _LayerSlots:
-    """One layer's pool and which expert sits in which slot."""
+    """One layer's pool and which expert sits in which slot.
 
-    def __init__(self, layout: ExpertLayout, slots: int):
+    ``cached`` slots hold resident experts (or are free); ``staging`` slots
+    receive prefetched reads. A prefetched expert that its layer then asks
+    for changes places with the victim it evicts: its staging slot becomes
+    a cached one and the victim's slot a staging one, so no bytes move.
+    """
+
+    def __init__(self, layout: ExpertLayout, cached: int, staging: int):
+        n = cached + staging
         self.pool: Pool = {
-            t.name: mx.zeros((slots,) + t.shape, dtype=mx_dtype(t.dtype)) for t in layout.tensors
+            t.name: mx.zeros((n,) + t.shape, dtype=mx_dtype(t.dtype)) for t in layout.tensors
         }
         mx.eval(self.pool)
+        self.rows = writable_rows(self.pool, layout)
         self.expert_slot = np.full(layout.num_experts, -1, dtype=np.int64)
-        self.slot_expert = np.full(slots, -1, dtype=np.int64)
-        self.free = list(range(slots - 1, -1, -1))
+        self.slot_expert = np.full(n, -1, dtype=np.int64)
+        self.free = list(range(cached - 1, -1, -1))
+        self.spare = list(range(n - 1, cached - 1, -1))
+        self.staged: Dict[int, Tuple[int, Future]] = {}  # expert -> (slot, read)
+        self.retiring: List[Tuple[int, Future]] = []  # unused guesses still being read
+
+
+class Fetch:
+    """What :meth:`CachedStore.begin_fetch` hands the block: the pool, each
+    expert's slot, and the reads still landing (``pending``: positions in
+    ``experts``). ``wait(i)`` blocks until position ``i``'s bytes are in its
+    slot; ``wait_all()`` until every one is."""
+
+    def __init__(self, store, layer, st, experts, slots, pending, stats):
+        self.store, self.layer, self._st = store, layer, st
+        self.experts, self.slots, self.pool = experts, slots, st.pool
+        self.pending: Dict[int, Future] = pending
+        self._stats = stats  # [hits, misses, bytes read, latencies]
+
+    def ready(self, i: int) -> bool:
+        fut = self.pending.get(i)
+        return fut is None or fut.done()
+
+    def wait(self, i: int) -> None:
+        fut = self.pending.pop(i, None)
+        if fut is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            dt, buf = fut.result()
+        except BaseException:
+            self.store._forget(self.layer, self._st, int(self.experts[i]))
+            for j in list(self.pending):  # let the other reads land, then stop
+                self.wait_quietly(j)
+            raise
+        finally:
+            self.store.telemetry.record_stall(time.perf_counter() - t0)
+        if buf is not None:  # no writable pool memory: copy on this thread
+            self.store._install_copy(self._st, int(self.slots[i]), buf)
+        if dt is not None:
+            self._stats[3].append(dt)
+        if not self.pending:
+            self._finish()
+
+    def wait_any(self) -> int:
+        """Wait for the first pending read to land; its position."""
+        done = [i for i, fut in self.pending.items() if fut.done()]
+        if not done:
+            t0 = time.perf_counter()
+            futures.wait(list(self.pending.values()), return_when=futures.FIRST_COMPLETED)
+            self.store.telemetry.record_stall(time.perf_counter() - t0)
+            done = [i for i, fut in self.pending.items() if fut.done()]
+        self.wait(done[0])
+        return done[0]
+
+    def wait_quietly(self, i: int):
+        fut = self.pending.pop(i, None)
+        if fut is not None:
+            try:
+                fut.result()
+            except BaseException:
+                self.store._forget(self.layer, self._st, int(self.experts[i]))
+
+    def wait_all(self) -> None:
+        for i in list(self.pending):
+            self.wait(i)
+        if not self.pending and self._stats is not None:
+            self._finish()
+
+    def _finish(self):
+        if self._stats is None:
+            return
+        hits, misses, nbytes, latencies = self._stats
+        self._stats = None
+        self.store.telemetry.record_fetch(self.layer, hits, misses, nbytes, latencies)
+        self.store._maybe_complete(self.layer, self._st)
 
 
 class CachedStore(ExpertStore):
     """Keeps up to ``slots_per_layer`` experts of each MoE layer resident.
 
-    Misses are read by a thread pool of positional reads and copied into a
-    victim slot chosen by ``policy`` (LRU if none is given; the runtime uses
-    LFU with decay). When a layer has a slot
-    for every expert, expert ``e`` always sits in slot ``e`` and, once all are
-    resident, the block takes the no-sync fast path.
+    Misses are read straight into a victim slot of the layer's pool (chosen
+    by ``policy``; LRU if none is given, the runtime uses LFU with decay) by
+    a pool of ``threads`` positional reads, all of a layer's misses at once,
+    so the disk sees them together and the block can start computing on the
+    experts that are already there. Prefetched experts land in the layer's
+    ``staging`` slots and never evict a resident expert. When a layer has a
+    slot for every expert, expert ``e`` always sits in slot ``e`` and, once
+    all are resident, the block takes the no-sync fast path.
     """
 
     def __init__(
@@ -64,29 +131,23 @@ class CachedStore(ExpertStore):
         policy: Optional[CachePolicy] = None,
         threads: int = 4,
         telemetry: Optional[Telemetry] = None,
-        max_staged: int = 64,
-        eval_bytes: int = 4 << 20,
+        staging: int = 0,
     ):
         self.reader = reader
         self.layout = reader.layout
-        if self.layout.record_nbytes >= 1 << 20:
-            _return_large_frees_to_the_os()
         self.slots = min(int(slots_per_layer), self.layout.num_experts)
         if self.slots < 1:
             raise ValueError("an expert cache needs at least one slot per layer")
         self.identity = self.slots == self.layout.num_experts
+        self.staging = 0 if self.identity else max(0, int(staging))
         self.policy = policy or LRUPolicy()
         self.telemetry = telemetry or Telemetry(self.layout.moe_layers, self.layout.num_experts)
         self._layers: Dict[int, _LayerSlots] = {}
         self._complete = set()
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="odmoe-read")
-        # Prefetched records wait here, outside the pools, until their layer
-        # asks for them: speculation never evicts a resident expert.
-        self._staged: "OrderedDict[tuple, object]" = OrderedDict()
-        self.max_staged = max_staged
-        self.eval_bytes = eval_bytes
-        self.copy_bytes = 8 << 20
+        # Reads that come from memory (page cache) faster than a thread
+        # hand-off run on the calling thread.
         self.inline_read_s = 200e-6
         self._read_ema = 0.0
 
@@ -98,49 +159,85 @@ class CachedStore(ExpertStore):
         return self._layers[layer].pool if layer in self._complete else None
 
     def fetch(self, layer, experts):
+        f = self.begin_fetch(layer, experts)
+        f.wait_all()
+        return f.pool, f.slots
+
+    def begin_fetch(self, layer, experts) -> Fetch:
+        """Give every one of the (unique) ``experts`` a slot and start reading
+        the missing ones; the returned :class:`Fetch` says when each lands."""
         st = self._layer(layer)
+        experts = np.asarray(experts)
+        protected = [int(e) for e in experts]
+        pending, fresh, ready, late = {}, [], 0, 0
+        missing = []
+        for i, e in enumerate(protected):
+            if st.expert_slot[e] >= 0:
+                self.policy.touch(layer, e)
+            else:
+                missing.append((i, e))
+        for i, e in missing:
+            staged = st.staged.pop(e, None)
+            if staged is not None:
+                slot, fut = staged
+                self._adopt(layer, st, e, slot, protected)
+                pending[i] = fut  # done or not: a failed read must still raise
+                if fut.done():
+                    ready += 1
+                else:
+                    late += 1
+            else:
+                fresh.append((i, e, self._claim_slot(layer, st, e, protected)))
+        self._expire_staged(st)
+        if ready + late:
+            self.telemetry.record_prefetch_hits(ready + late)
+        nbytes = len(fresh) * self.layout.record_nbytes
+        stats = [len(experts) - len(fresh) - late, len(fresh) + late, nbytes, []]
         slots = st.expert_slot[experts]
-        missing = experts[slots < 0]
-        for e in experts[slots >= 0]:
-            self.policy.touch(layer, int(e))
-        latencies, ready, read = (), 0, 0
-        if len(missing):
-            latencies, ready, read = self._load(layer, st, missing, protected=experts)
-            slots = st.expert_slot[experts]
-        self._expire_staged(layer)
-        # A prefetched expert whose read had finished counts as a hit: its
-        # bytes were in memory when the layer needed them.
-        self.telemetry.record_fetch(
-            layer,
-            len(experts) - len(missing) + ready,
-            len(missing) - ready,
-            read * self.layout.record_nbytes,
-            latencies,
-        )
-        return st.pool, slots
+        inline = self._read_ema < self.inline_read_s
+        for i, e, slot in fresh:
+            if inline:
+                fut = Future()
+                try:
+                    fut.set_result(self._read_slot(layer, st, e, slot))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+            else:
+                fut = self._pool.submit(self._read_slot, layer, st, e, slot)
+            pending[i] = fut
+        f = Fetch(self, layer, st, experts, slots, pending, stats)
+        if not pending:
+            f._finish()
+        return f
 
     def prefetch(self, layer, experts):
         st = self._layer(layer)
-        for e in experts:
-            e = int(e)
-            key = (layer, e)
-            if st.expert_slot[e] >= 0 or key in self._staged:
+        self._reclaim(st)
+        for e in (int(e) for e in experts):
+            if st.expert_slot[e] >= 0 or e in st.staged:
                 continue
-            while len(self._staged) >= self.max_staged:
-                self._drop_oldest_staged()
-            self._staged[key] = self._pool.submit(self._timed_read, layer, e)
+            if not st.spare:
+                break  # staging is full: the rest are not read at all
+            slot = st.spare.pop()
+            st.staged[e] = (slot, self._pool.submit(self._read_slot, layer, st, e, slot))
             self.telemetry.record_prefetch(self.layout.record_nbytes)
 
-    def _expire_staged(self, layer):
-        """Guesses for this pass of ``layer`` that it did not use are waste."""
-        for key in [k for k in self._staged if k[0] == layer]:
-            self._staged.pop(key).cancel()
-            self.telemetry.record_wasted(self.layout.record_nbytes)
-
-    def _drop_oldest_staged(self):
-        _, fut = self._staged.popitem(last=False)
-        fut.cancel()
-        self.telemetry.record_wasted(self.layout.record_nbytes)
+    def set_staging(self, staging: int):
+        """Give every layer ``staging`` staging slots (memory on top of the
+        budget); layers already in memory start again empty."""
+        if self.identity or staging == self.staging:
+            return
+        for layer, st in self._layers.items():
+            for e in np.flatnonzero(st.expert_slot >= 0):
+                self.policy.remove(layer, int(e))
+            for _, fut in list(st.staged.values()) + st.retiring:
+                fut.cancel()
+                try:
+                    fut.result()
+                except BaseException:
+                    pass
+        self._layers.clear()
+        self.staging = int(staging)
 
     def warm(self, layers=None, progress=None):
         """Read every expert of ``layers`` (all MoE layers by default)."""
@@ -149,10 +246,13 @@ class CachedStore(ExpertStore):
             st = self._layer(l)
             missing = want[st.expert_slot[want] < 0]
             if len(missing):
-                lat, _, _ = self._load(l, st, missing, protected=want)
-                mx.eval(st.pool)
-                # Preloading is not demand: count the bytes, not misses.
-                self.telemetry.record_fetch(l, 0, 0, len(missing) * self.layout.record_nbytes, lat)
+                inline, self.inline_read_s = self.inline_read_s, -1.0  # all to the threads
+                try:
+                    f = self.begin_fetch(l, missing)
+                finally:
+                    self.inline_read_s = inline
+                f._stats[:3] = [0, 0, len(missing) * self.layout.record_nbytes]
+                f.wait_all()  # preloading is not demand: bytes, not misses
             if progress is not None:
                 progress.update(1)
 
@@ -160,9 +260,10 @@ class CachedStore(ExpertStore):
         return sum(a.nbytes for st in self._layers.values() for a in st.pool.values())
 
     def close(self):
-        for fut in self._staged.values():
-            fut.cancel()
-        self._staged.clear()
+        for st in self._layers.values():
+            for _, fut in st.staged.values():
+                fut.cancel()
+            st.staged.clear()
         self._pool.shutdown(wait=True)
         self.reader.close()
 
@@ -170,123 +271,81 @@ class CachedStore(ExpertStore):
     def _layer(self, layer) -> _LayerSlots:
         st = self._layers.get(layer)
         if st is None:
-            st = self._layers[layer] = _LayerSlots(self.layout, self.slots)
+            st = self._layers[layer] = _LayerSlots(self.layout, self.slots, self.staging)
         return st
 
-    def _timed_read(self, layer, expert):
+    def _read_slot(self, layer, st: _LayerSlots, expert: int, slot: int):
+        """Read ``expert`` into ``slot``; returns (seconds, None) or, where
+        the pool's memory is not writable, (seconds, record) to copy in."""
         t0 = time.perf_counter()
-        buf = self.reader.read(layer, expert)
-        return buf, time.perf_counter() - t0
+        if st.rows is None:
+            buf = self.reader.read(layer, expert)
+        else:
+            buf = None
+            self.reader.read_into(layer, expert, [rows[slot] for rows in st.rows])
+        dt = time.perf_counter() - t0
+        self._read_ema += 0.1 * (dt - self._read_ema)
+        return dt, buf
+
+    def _install_copy(self, st: _LayerSlots, slot: int, buf: np.ndarray):
+        for name, a in records_to_arrays(buf.reshape(1, -1), self.layout).items():
+            st.pool[name][slot : slot + 1] = a
+        mx.eval(st.pool)
+
+    def _victim_slot(self, layer, st: _LayerSlots, protected) -> int:
+        if st.free:
+            return st.free.pop()
+        victim = self.policy.victim(layer, protected)
+        self.policy.remove(layer, victim)
+        slot = int(st.expert_slot[victim])
+        st.expert_slot[victim] = -1
+        st.slot_expert[slot] = -1
+        self.telemetry.record_evictions(1)
+        return slot
 
     def _claim_slot(self, layer, st: _LayerSlots, expert: int, protected) -> int:
-        if self.identity:
-            return expert
-        if st.free:
-            slot = st.free.pop()
-        else:
-            victim = self.policy.victim(layer, protected)
-            self.policy.remove(layer, victim)
-            slot = int(st.expert_slot[victim])
-            st.expert_slot[victim] = -1
-            self.telemetry.record_evictions(1)
+        slot = expert if self.identity else self._victim_slot(layer, st, protected)
         st.expert_slot[expert] = slot
         st.slot_expert[slot] = expert
         self.policy.insert(layer, expert)
         return slot
 
-    def _reads(self, layer, experts, window):
-        """(expert, buffer, seconds) for each of ``experts``, in order.
+    def _adopt(self, layer, st: _LayerSlots, expert: int, slot: int, protected):
+        """A staged expert becomes resident where it was read; the slot it
+        displaces (free or a victim's) becomes a staging slot."""
+        st.spare.append(self._victim_slot(layer, st, protected))
+        st.expert_slot[expert] = slot
+        st.slot_expert[slot] = expert
+        self.policy.insert(layer, expert)
 
-        Reads that come from memory (page cache) in well under a thread
-        hand-off's cost all run on this thread. Slower ones go to the pool,
-        at most ``window`` ahead, while this thread reads the first.
-        """
-        if not experts:
+    def _forget(self, layer, st: _LayerSlots, expert: int):
+        """A read failed: the slot holds nothing usable."""
+        slot = int(st.expert_slot[expert])
+        if slot < 0:
             return
-        if self._read_ema < self.inline_read_s:
-            for e in experts:
-                yield (e, *self._timed_read(layer, e))
-            return
-        ahead = deque(
-            (e, self._pool.submit(self._timed_read, layer, e)) for e in experts[1 : 1 + window]
-        )
-        rest = iter(experts[1 + window :])
-        yield (experts[0], *self._timed_read(layer, experts[0]))
-        while ahead:
-            e, fut = ahead.popleft()
-            nxt = next(rest, None)
-            if nxt is not None:
-                ahead.append((nxt, self._pool.submit(self._timed_read, layer, nxt)))
-            yield (e, *fut.result())
+        st.expert_slot[expert] = -1
+        st.slot_expert[slot] = -1
+        self.policy.remove(layer, expert)
+        if not self.identity:
+            st.free.append(slot)
 
-    def _install(self, layer, st: _LayerSlots, batch, protected):
-        """Copy read records into their slots, in place (the pool is donated
-        to the update). Records bound for consecutive slots go in one slice
-        update; between runs the pool is evaluated, because a second pending
-        update of the same array copied the whole pool (measured: warm() of
-        60 5.4 MB experts at 160 MB/s instead of 760; a scatter was as slow)
-        unless the pool is small enough that the copy is cheaper than the
-        sync. The last update stays lazy and runs with the layer's compute."""
-        slots = [self._claim_slot(layer, st, e, protected) for e, _ in batch]
-        order = sorted(range(len(batch)), key=slots.__getitem__)
-        runs, run = [], [order[0]]
-        for i in order[1:]:
-            if slots[i] == slots[run[-1]] + 1:
-                run.append(i)
-            else:
-                runs.append(run)
-                run = [i]
-        runs.append(run)
-        # A small pool's copy costs less than a host sync (tiny models).
-        sync = self.slots * self.layout.record_nbytes > self.copy_bytes
-        for j, run in enumerate(runs):
-            if j and sync:
-                mx.eval(st.pool)
-            first = slots[run[0]]
-            records = np.stack([batch[i][1] for i in run])
-            for name, a in records_to_arrays(records, self.layout).items():
-                st.pool[name][first : first + len(run)] = a
-        if self.identity:
-            for e, _ in batch:
-                st.expert_slot[e] = st.slot_expert[e] = e
+    def _expire_staged(self, st: _LayerSlots):
+        """Guesses for this pass of the layer that it did not use are waste;
+        their slots return to staging once their reads have finished."""
+        for e, (slot, fut) in list(st.staged.items()):
+            del st.staged[e]
+            fut.cancel()
+            st.retiring.append((slot, fut))
+            self.telemetry.record_wasted(self.layout.record_nbytes)
+        self._reclaim(st)
 
-    def _load(self, layer, st: _LayerSlots, missing: np.ndarray, protected):
-        """Read ``missing`` into slots; return (latencies, prefetched reads
-        already done, reads issued now).
+    @staticmethod
+    def _reclaim(st: _LayerSlots):
+        keep = []
+        for slot, fut in st.retiring:
+            (st.spare.append(slot) if fut.done() else keep.append((slot, fut)))
+        st.retiring = keep
 
-        Records are copied into the pool in batches of up to ``eval_bytes``,
-        with at most a batch (or a read per thread) more in flight, which
-        bounds the memory a long prompt's misses take on top of the budget.
-        The last batch's copy stays lazy and runs with the layer's own
-        compute, in the same sync.
-        """
-        staged, fresh, ready = [], [], 0
-        for e in (int(e) for e in missing):
-            fut = self._staged.pop((layer, e), None)
-            if fut is None:
-                fresh.append(e)
-            else:
-                staged.append((e, fut))
-                ready += fut.done()
-        if staged:
-            self.telemetry.record_prefetch_hits(len(staged))
-        per_batch = max(1, self.eval_bytes // self.layout.record_nbytes)
-        records = itertools.chain(
-            ((e, *fut.result()) for e, fut in staged),
-            self._reads(layer, fresh, window=max(per_batch, self.threads)),
-        )
-        protected = [int(e) for e in protected]
-        latencies, batch = [], []
-        for i, (e, buf, dt) in enumerate(records):
-            latencies.append(dt)
-            self._read_ema += 0.1 * (dt - self._read_ema)
-            batch.append((e, buf))
-            if len(batch) == per_batch or i == len(missing) - 1:
-                self._install(layer, st, batch, protected)
-                if i < len(missing) - 1:
-                    mx.eval(st.pool)  # bound the records waiting to be copied
-                batch = []
-        late = len(staged) - ready
+    def _maybe_complete(self, layer, st: _LayerSlots):
         if self.identity and (st.expert_slot >= 0).all():
             self._complete.add(layer)
-        return latencies, ready, len(missing) - ready - late

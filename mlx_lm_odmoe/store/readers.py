@@ -36,6 +36,14 @@ class ExpertReader:
         """Return a uint8 buffer of ``layout.record_nbytes`` bytes."""
         raise NotImplementedError
 
+    def read_into(self, layer: int, expert: int, dests) -> None:
+        """Read the record's tensors into ``dests`` (one writable uint8
+        buffer per ``layout.tensors`` entry, in order). Readers that can
+        read straight into them override this; the default copies."""
+        buf = self.read(layer, expert)
+        for t, dest in zip(self.layout.tensors, dests):
+            dest[:] = buf[t.offset : t.offset + t.nbytes]
+
     def tensor_location(self, layer: int, expert: int, tensor) -> Tuple[Path, int]:
         """File and byte offset where ``tensor`` of an expert starts."""
         raise NotImplementedError
@@ -89,17 +97,29 @@ class _Files:
         return fd
 
     def pread_into(self, path: Path, buf: memoryview, offset: int):
+        self.preadv_into(path, [buf], offset)
+
+    def preadv_into(self, path: Path, bufs, offset: int):
+        """Fill ``bufs`` (writable buffers) from consecutive bytes at
+        ``offset``: one system call for a whole record in the usual case."""
         fd = self.fd(path)
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
         done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
+        while views:
+            n = os.preadv(fd, views, offset + done)
             if n <= 0:
                 raise OSError(
                     f"{path}: unexpected end of file at byte {offset + done} (truncated?)"
                 )
             done += n
+            while views and n >= len(views[0]):  # drop what is filled
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
         if self.drop_cache:
-            os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, total, os.POSIX_FADV_DONTNEED)
 
     def close(self):
         with self._lock:
@@ -254,16 +274,30 @@ class ShardedFolderReader(ExpertReader):
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
         what = f"{path} (layer {layer} expert {expert})"
         read_with_retry(lambda: self._files.pread_into(path, memoryview(buf), off), what)
-        if self.verify and (layer, expert) not in self._verified:
-            if zlib.crc32(buf) == crc:
-                # Once good, re-reads of these bytes are trusted: at small
-                # budgets the same experts come back many times a second.
-                self._verified.add((layer, expert))
-                return buf
+        self._verify(layer, expert, [buf], crc, what)
+        return buf
+
+    def read_into(self, layer, expert, dests):
+        s, off, crc = self.layout.locations[layer][expert]
+        path = self.shard_path(s)
+        what = f"{path} (layer {layer} expert {expert})"
+        # Records are their tensors back to back: one preadv fills them all.
+        read_with_retry(lambda: self._files.preadv_into(path, dests, off), what)
+        self._verify(layer, expert, dests, crc, what)
+
+    def _verify(self, layer, expert, parts, crc, what):
+        if not self.verify or (layer, expert) in self._verified:
+            return
+        got = 0
+        for part in parts:
+            got = zlib.crc32(part, got)
+        if got != crc:
             raise ExpertReadError(
                 f"{what}: checksum mismatch, the file is corrupt; re-download or re-convert the model"
             )
-        return buf
+        # Once good, re-reads of these bytes are trusted: at small budgets
+        # the same experts come back many times a second.
+        self._verified.add((layer, expert))
 
     def close(self):
         self._files.close()
@@ -349,14 +383,19 @@ class StackedCheckpointReader(ExpertReader):
     def read(self, layer, expert):
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)
         view = memoryview(buf)
-        for t, (path, begin, per_expert) in zip(self.layout.tensors, self._ranges[layer]):
+        self.read_into(
+            layer, expert, [view[t.offset : t.offset + t.nbytes] for t in self.layout.tensors]
+        )
+        return buf
+
+    def read_into(self, layer, expert, dests):
+        for t, dest, (path, begin, per_expert) in zip(
+            self.layout.tensors, dests, self._ranges[layer]
+        ):
             read_with_retry(
-                lambda: self._files.pread_into(
-                    path, view[t.offset : t.offset + t.nbytes], begin + expert * per_expert
-                ),
+                lambda: self._files.pread_into(path, dest, begin + expert * per_expert),
                 f"{path} (layer {layer} expert {expert}, {t.name})",
             )
-        return buf
 
     def close(self):
         self._files.close()

@@ -32,3 +32,22 @@ def record_to_arrays(record: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.a
     """One record -> {tensor name: array of the tensor's shape}."""
     arrays = records_to_arrays(np.asarray(record).reshape(1, -1), layout)
     return {t.name: arrays[t.name].reshape(t.shape) for t in layout.tensors}
+
+
+def writable_rows(pool: Dict[str, mx.array], layout: ExpertLayout):
+    """Per tensor of ``layout``, a writable uint8 view ``[slots, nbytes]`` of
+    the evaluated pool array's own memory, or None where the backend does
+    not expose it. Reads land there directly: no copy between the read and
+    the kernels. Safe because the store writes only slots that no pending
+    computation uses (victims and staging slots)."""
+    rows = []
+    for t in layout.tensors:
+        a = pool[t.name]
+        try:
+            view = np.frombuffer(memoryview(a).cast("B"), dtype=np.uint8)
+        except (TypeError, ValueError, BufferError):
+            return None
+        if not view.flags.writeable or view.size != a.nbytes:
+            return None
+        rows.append(view.reshape(a.shape[0], t.nbytes))
+    return rows
