@@ -1,9 +1,10 @@
-"""OnDemandSwitchGLU: mlx-lm's SwitchGLU with experts from an ExpertStore.
+"""OnDemandSwitchGLU: mlx-lm's switch layer with experts from an ExpertStore.
 
 The router runs as usual and hands its top-k ids to this block. The block
 asks the store for those experts, gets a pool (stacked weights, one slot per
-resident expert) plus each expert's slot, and runs mlx-lm's *own* SwitchGLU
-on the pool with the ids rewritten to slots. Every slot is an exact copy of
+resident expert) plus each expert's slot, and runs the model's *own* switch
+layer (SwitchGLU or SwitchMLP, see kernel.py) on the pool with the ids
+rewritten to slots. Every slot is an exact copy of
 its expert, and the gather kernels compute each (token, expert) row from that
 row's weights alone, so the output is bit-identical to stock mlx-lm.
 
@@ -18,7 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
-_PARTS = ("weight", "scales", "biases")
+from .kernel import expert_tensors, make_kernel, projections, unbind, weightless_copy
+from .switches import STOCK_SWITCHES, switch_layers_of
 
 
 def _distinct(ids: np.ndarray) -> np.ndarray:
@@ -29,8 +31,8 @@ def _distinct(ids: np.ndarray) -> np.ndarray:
 
 
 def moe_layers_of(model) -> list:
-    """Indices of the layers whose MLP routes to experts (``switch_mlp``)."""
-    return [i for i, layer in enumerate(model.model.layers) if "switch_mlp" in layer.mlp]
+    """Indices of the layers that route to experts (hold a switch layer)."""
+    return list(switch_layers_of(model, STOCK_SWITCHES + (OnDemandSwitchGLU,)))
 
 
 def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -41,8 +43,26 @@ def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) ->
 
 
 class OnDemandSwitchGLU(nn.Module):
-    def __init__(self, runtime, layer: int, input_dims: int, hidden_dims: int, num_experts: int):
+    def __init__(
+        self,
+        runtime,
+        layer: int,
+        input_dims: int = None,
+        hidden_dims: int = None,
+        num_experts: int = None,
+        switch: nn.Module = None,
+    ):
+        """Replaces ``switch`` (a stock SwitchGLU/SwitchMLP, whose shapes and
+        configuration it takes), or a plain ``SwitchGLU(input_dims,
+        hidden_dims, num_experts)``."""
         super().__init__()
+        if switch is None:
+            switch = SwitchGLU(input_dims, hidden_dims, num_experts)
+        specs = expert_tensors(switch)
+        names = list(projections(switch))
+        out_dims, in_dims = specs[f"{names[0]}.weight"][0]
+        object.__setattr__(self, "_specs", specs)
+        object.__setattr__(self, "_shell", weightless_copy(switch))
         # Plain attributes: the block owns no parameters, so mlx-lm's strict
         # load_weights sees nothing of the experts.
         object.__setattr__(self, "_runtime", runtime)
@@ -50,30 +70,27 @@ class OnDemandSwitchGLU(nn.Module):
         object.__setattr__(self, "_bound", None)
         object.__setattr__(self, "_early", None)
         self.layer = layer
-        self.dims = (input_dims, hidden_dims, num_experts)
-        # Parameter-free stand-ins for SwitchGLU's projections, so code that
-        # addresses them (mlx-lm's shard()) finds them; the store holds the
-        # weights and slices them per rank.
-        self.gate_proj, self.up_proj, self.down_proj = nn.Module(), nn.Module(), nn.Module()
+        self.dims = (in_dims, out_dims, projections(switch)[names[0]].weight.shape[0])
+        # Parameter-free stand-ins for the switch layer's projections, so
+        # code that addresses them (mlx-lm's shard()) finds them; the store
+        # holds the weights and slices them per rank.
+        for name in names:
+            setattr(self, name, nn.Module())
 
     def start_early(self, shared):
         """``shared.start(x)`` will be called with this block's input right
         after the host sync (see models/common.py)."""
         object.__setattr__(self, "_early", shared)
 
-    def _get_kernel(self, store) -> SwitchGLU:
+    @property
+    def expert_tensors(self):
+        """``{"gate_proj.weight": (per-expert shape, dtype), ...}`` unquantized."""
+        return self._specs
+
+    def _get_kernel(self, store) -> nn.Module:
         if self._kernel is None:
-            D, H, E = self.dims
-            glu = SwitchGLU(D, H, 1)
-            q = store.layout.quantization
-            if q:
-                nn.quantize(
-                    glu, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine")
-                )
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for part in _PARTS:
-                    getattr(glu, proj).pop(part, None)
-            object.__setattr__(self, "_kernel", glu)
+            kernel = make_kernel(self._shell, self._specs, store.layout.quantization)
+            object.__setattr__(self, "_kernel", kernel)
         return self._kernel
 
     def _bind(self, glu, pool):
@@ -94,9 +111,7 @@ class OnDemandSwitchGLU(nn.Module):
             return glu(x, indices)
         finally:
             # Drop references so the store can update its pool in place.
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                for part in _PARTS:
-                    getattr(glu, proj).pop(part, None)
+            unbind(glu)
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         store = self._runtime.store

@@ -8,7 +8,9 @@ A converted model folder is a normal mlx-lm folder (config.json, tokenizer,
     ...
 
 Each shard is a valid safetensors file whose tensors are named
-``model.layers.{L}.mlp.experts.{E}.{proj}.{part}``. All tensors of one expert
+``model.layers.{L}.mlp.experts.{E}.{proj}.{part}`` (``proj`` as the model's
+switch layer names it, e.g. ``gate_proj`` or ``fc1``), whatever the
+architecture calls the module holding them. All tensors of one expert
 are adjacent, so an expert is one contiguous *record* that one positional read
 fetches. ``index.json`` lists the record layout (the same for every expert)
 and where each expert's record starts, so no header has to be scanned.
@@ -39,8 +41,12 @@ DTYPES = {
 
 MLX_TO_ST = {v[1]: k for k, v in DTYPES.items()}
 
-# The projections of a SwiGLU expert, in record order.
+# The projections of a SwiGLU expert, in record order. Other switch layers'
+# projections (SwitchMLP's fc1, fc2) follow in the order the layer has them.
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The tensors of one projection, in record order: the weight (or quantized
+# weight, its scales and biases) and the projection's own bias.
+TENSOR_PARTS = ("weight", "scales", "biases", "bias")
 
 
 class LayoutError(ValueError):
@@ -176,9 +182,9 @@ def load_layout(experts_dir: Path) -> ExpertLayout:
 
 
 def slice_axis(tensor_name: str) -> int:
-    """Tensor-parallel split axis of an expert tensor: rows for gate/up
-    (all-to-sharded), columns for down (sharded-to-all)."""
-    return 1 if tensor_name.startswith("down_proj.") else 0
+    """Tensor-parallel split axis of an expert tensor: rows for gate/up/fc1
+    (all-to-sharded), columns for down/fc2 (sharded-to-all)."""
+    return 1 if tensor_name.startswith(("down_proj.", "fc2.")) else 0
 
 
 def expert_key(layer: int, expert: int, name: str) -> str:

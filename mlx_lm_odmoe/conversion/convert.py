@@ -24,11 +24,10 @@ from mlx.utils import tree_map_with_path
 from tqdm import tqdm
 
 from mlx_lm_odmoe.backend import default_dtype, expert_float_dtype, half_precision_problem
-from mlx_lm_odmoe.block import moe_layers_of
+from mlx_lm_odmoe.block import OnDemandSwitchGLU, moe_layers_of
 from mlx_lm_odmoe.errors import ConversionError, OdmoeError
 from mlx_lm_odmoe.layout import EXPERTS_DIR, FORMAT_VERSION, load_layout
-from mlx_lm_odmoe.model_types import odmoe_type_for, supported_sources
-from mlx_lm_odmoe.models.common import strip_experts
+from mlx_lm_odmoe.model_types import DEDICATED, odmoe_type_for, supported_sources
 
 from .atomic import atomic_dir
 from .shard_writer import ExpertShardWriter
@@ -48,16 +47,30 @@ _TOKENIZER_GLOBS = (
 
 
 def odmoe_config(source_config: dict) -> dict:
-    config = text_config(source_config)
-    base = config.get("model_type")
-    if odmoe_type_for(base) is None:
+    base = source_config.get("model_type")
+    odmoe = odmoe_type_for(base)
+    if odmoe is None:
         raise ValueError(
             f"model_type {base!r} is not supported; expected one of {supported_sources()}"
         )
-    config["model_type"] = odmoe_type_for(base)
-    for k in ("quantization_config", "auto_map", "text_config", "vision_config"):
+    # The types of their own take K2.5-style nested configs flat; the rule's
+    # keep what mlx-lm's ModelArgs read (llama4's text_config, ...).
+    dedicated = odmoe in DEDICATED.values()
+    config = text_config(source_config) if dedicated else dict(source_config)
+    config["model_type"] = odmoe
+    for k in ("quantization_config", "auto_map") + (
+        ("text_config", "vision_config") if dedicated else ()
+    ):
         config.pop(k, None)
     return config
+
+
+def _without_expert_entries(quantization: dict, model) -> dict:
+    """A quantization config less per-layer entries of the routed experts
+    (their quantization is the expert layout's; the blocks hold no layers
+    mlx-lm's loader could quantize)."""
+    routed = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, OnDemandSwitchGLU))
+    return {k: v for k, v in quantization.items() if not k.startswith(routed)}
 
 
 def build_skeleton(config: dict):
@@ -65,11 +78,6 @@ def build_skeleton(config: dict):
     module = importlib.import_module(f"mlx_lm_odmoe.models.{config['model_type']}")
     args = module.ModelArgs.from_dict({**config, "odmoe": {"resolve": False}})
     return module.Model(args)
-
-
-def _stock_sanitize(model, weights):
-    # The stock parent's sanitize (ours would also open a store).
-    return super(type(model), model).sanitize(strip_experts(weights))
 
 
 def _cast(arrays: dict, dtype, keep=lambda k: True):
@@ -117,8 +125,10 @@ def convert(
 
     with atomic_dir(Path(mlx_path), force=force) as out:
         model = build_skeleton(config)
+        if hasattr(src, "attach"):
+            src.attach(model)
         keep = getattr(model, "cast_predicate", lambda _: True)
-        weights = _stock_sanitize(model, src.resident_weights())
+        weights = model.sanitize(src.resident_weights())  # no store: only sanitizes
         if src.quantization:
             _quantize_like_source(model, src.config["quantization"], weights)
         model.load_weights(list(weights.items()), strict=True)
@@ -137,17 +147,19 @@ def convert(
             model, config = quantize_model(model, config, q_group_size, q_bits)
             qparams = {"group_size": q_group_size, "bits": q_bits, "mode": "affine"}
         else:
-            qparams = src.quantization
+            qparams = getattr(src, "expert_quantization", lambda: src.quantization)()
             if qparams:
                 config["quantization"] = dict(src.config["quantization"])
+        for k in ("quantization", "quantization_config"):
+            if isinstance(config.get(k), dict):
+                config[k] = _without_expert_entries(config[k], model)
 
         from mlx_lm.utils import save_config, save_model
 
         moe_layers = moe_layers_of(model)
+        E = next(m for _, m in model.named_modules() if isinstance(m, OnDemandSwitchGLU)).dims[2]
         save_model(out, model, donate_model=True)
         del model, weights
-
-        E = config.get("num_experts") or config.get("n_routed_experts")
 
         def expert(l, e):
             # Scales of quantized experts take the type too, as mlx_lm.convert casts them.
@@ -155,6 +167,9 @@ def convert(
             if quantize:
                 q = {}
                 for name, w in arrays.items():
+                    if not name.endswith(".weight"):  # a projection's bias stays as it is
+                        q[name] = w
+                        continue
                     if w.shape[-1] % q_group_size:
                         raise ValueError(
                             f"expert {name} has {w.shape[-1]} input columns, not a multiple of "

@@ -14,16 +14,21 @@ from mlx_lm_odmoe.layout import (
     INDEX_NAME,
     MLX_TO_ST,
     PROJECTIONS,
+    TENSOR_PARTS,
     ExpertLayout,
     expert_key,
     record_specs,
 )
 
-_PARTS = ("weight", "scales", "biases")
-
 
 def ordered_names(arrays: Dict[str, mx.array]) -> List[str]:
-    names = [f"{p}.{part}" for p in PROJECTIONS for part in _PARTS if f"{p}.{part}" in arrays]
+    """Record order: SwiGLU projections first, others as given; each
+    projection's tensors in TENSOR_PARTS order."""
+    given = list(dict.fromkeys(name.partition(".")[0] for name in arrays))
+    projections = [p for p in PROJECTIONS if p in given] + [
+        p for p in given if p not in PROJECTIONS
+    ]
+    names = [f"{p}.{part}" for p in projections for part in TENSOR_PARTS if f"{p}.{part}" in arrays]
     if len(names) != len(arrays):
         extra = sorted(set(arrays) - set(names))
         raise ValueError(f"unexpected expert tensors {extra}")

@@ -4,6 +4,10 @@ A source exposes its ``config`` (config.json), the resident (non-expert)
 weights as lazy mlx arrays, and one expert at a time as a dict of tensors
 named like ``gate_proj.weight``. Experts are read one by one so memory stays
 bounded by a layer's worth at most.
+
+Architectures served by the rule alone go through ``SanitizedSource`` (the
+model's own sanitize); the types with a module of their own (qwen2_moe,
+deepseek_v3 / Kimi) keep the readers below, which never stack experts.
 """
 
 import json
@@ -21,7 +25,7 @@ from mlx_lm_odmoe.layout import (
     LayoutError,
     read_safetensors_header,
 )
-from mlx_lm_odmoe.model_types import STOCK_TYPE_OF, is_odmoe_type
+from mlx_lm_odmoe.model_types import DEDICATED, STOCK_TYPE_OF, is_odmoe_type, odmoe_type_for
 from mlx_lm_odmoe.models.common import is_expert_key
 
 _EXPERT_RE = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
@@ -47,7 +51,7 @@ def text_config(config: dict) -> dict:
     return dict(config)
 
 
-def _weight_files(path: Path):
+def weight_files(path: Path):
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -74,7 +78,7 @@ class HFSource:
         self.path = Path(path)
         self.config = read_config(self.path)
         self.quantization = None
-        self._files = _weight_files(self.path)
+        self._files = weight_files(self.path)
         self._where: Dict[str, Path] = {}
         for f in self._files:
             header, _ = read_safetensors_header(f)
@@ -130,7 +134,7 @@ class MLXSource:
 
     def resident_weights(self):
         out = {}
-        for f in _weight_files(self.path):
+        for f in weight_files(self.path):
             out.update({k: v for k, v in mx.load(str(f)).items() if not is_expert_key(k)})
         return out
 
@@ -182,7 +186,11 @@ def open_source(path, dtype: Optional[str] = None):
         )
     if is_converted(path):
         return ConvertedSource(path)
-    files = _weight_files(path)
+    if odmoe_type_for(read_config(path).get("model_type")) not in DEDICATED.values():
+        from .sanitized_source import SanitizedSource
+
+        return SanitizedSource(path)
+    files = weight_files(path)
     for f in files:
         header, _ = read_safetensors_header(f)
         if any(".mlp.switch_mlp." in k for k in header):

@@ -1,12 +1,15 @@
-"""What both odmoe model types share: swapping blocks and dropping experts."""
+"""What every odmoe model type shares: swapping blocks and dropping experts."""
 
 import weakref
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..block import OnDemandSwitchGLU, moe_layers_of
+from ..block import OnDemandSwitchGLU
+from ..kernel import expert_tensors
 from ..runtime import ExpertRuntime
+from ..switches import layers_path, module_at, parent_of, replace_module, switch_layers_of
 
 _NON_TEXT_PREFIXES = ("vision_tower", "vision_model", "multi_modal_projector", "mm_projector")
 
@@ -28,30 +31,67 @@ def is_expert_key(key: str) -> bool:
     return ".mlp.experts." in key or ".mlp.switch_mlp." in key
 
 
-def install_on_demand_blocks(model, args, num_experts: int) -> ExpertRuntime:
-    """Give every MoE layer an on-demand block sharing one runtime."""
-    moe_layers = moe_layers_of(model)
-    expected = {
-        "num_experts": num_experts,
-        "moe_layers": moe_layers,
-        "hidden_size": args.hidden_size,
-        "moe_intermediate_size": args.moe_intermediate_size,
+# Where the routed experts' top-k sits in the ModelArgs of mlx-lm's models.
+_TOP_K_FIELDS = (
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_topk",
+    "moe_top_k",
+    "moe_k",
+    "top_k_experts",
+)
+# The names mlx-lm's MoE blocks give a shared expert computing on the
+# routed experts' input.
+_SHARED_EXPERTS = ("shared_expert", "shared_experts")
+
+
+def top_k_of(args) -> int:
+    """Experts routed per token, wherever the architecture's args keep it
+    (1 if unknown: the block then runs a token's experts in turns)."""
+    for where in (args, getattr(args, "text_config", None)):
+        fields = where if isinstance(where, dict) else vars(where) if where is not None else {}
+        for name in _TOP_K_FIELDS:
+            if isinstance(fields.get(name), int):
+                return fields[name]
+    return 1
+
+
+def _expected_layout(switches: dict) -> Optional[dict]:
+    """What the runtime checks the expert files against (SwiGLU experts)."""
+    switch = next(iter(switches.values()))[1]
+    specs = expert_tensors(switch)
+    if not {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(specs):
+        return None
+    hidden, dims = specs["gate_proj.weight"][0]
+    return {
+        "num_experts": switch.gate_proj.weight.shape[0],
+        "moe_layers": list(switches),
+        "hidden_size": dims,
+        "moe_intermediate_size": hidden,
     }
-    runtime = ExpertRuntime(args.odmoe, args.num_experts_per_tok, args.num_hidden_layers, expected)
-    for i in moe_layers:
-        mlp = model.model.layers[i].mlp
-        mlp.switch_mlp = OnDemandSwitchGLU(
-            runtime, i, args.hidden_size, args.moe_intermediate_size, num_experts
-        )
-        shared = mlp.get("shared_expert", mlp.get("shared_experts"))
-        if isinstance(shared, nn.Module):
-            mlp.switch_mlp.start_early(early_start(shared))
-    inner = model.model
+
+
+def install_on_demand_blocks(model, args) -> ExpertRuntime:
+    """Replace every switch layer with an on-demand block, all sharing one
+    runtime. Each block takes its switch layer's own configuration."""
+    switches = switch_layers_of(model)
+    if not switches:
+        raise ValueError(f"{type(model).__module__}: the model has no SwitchGLU/SwitchMLP layer")
+    num_layers = getattr(args, "num_hidden_layers", None) or max(switches) + 1
+    runtime = ExpertRuntime(args.odmoe, top_k_of(args), num_layers, _expected_layout(switches))
+    for i, (path, switch) in switches.items():
+        block = OnDemandSwitchGLU(runtime, i, switch=switch)
+        replace_module(model, path, block)
+        moe = parent_of(model, path)
+        shared = next((moe[n] for n in _SHARED_EXPERTS if isinstance(moe.get(n), nn.Module)), None)
+        if shared is not None:
+            block.start_early(early_start(shared))
+    where = layers_path(next(iter(switches.values()))[0])  # "model.layers", ...
 
     def active_layers():
         # After mlx-lm's pipeline(), other ranks' layers are None or cut off.
-        layers = inner.layers
-        return {i for i in moe_layers if i < len(layers) and layers[i] is not None}
+        layers = module_at(model, where)
+        return {i for i in switches if i < len(layers) and layers[i] is not None}
 
     runtime.active_layers = active_layers
     runtime.model_ref = weakref.ref(model)

@@ -1,11 +1,12 @@
 """qwen2_moe_odmoe: mlx-lm's qwen2_moe with on-demand routed experts.
 
-mlx-lm's qwen2_moe has no distributed support; this type adds mlx-lm's
-tensor-parallel scheme (``shard``) and layer pipelining (``pipeline``), the
-same ones mlx-lm implements for deepseek_v3 and qwen3_moe.
+The rule of ``on_demand`` (qwen2_moe's ModelArgs and Model with on-demand
+switch layers) plus distributed support, which mlx-lm's qwen2_moe lacks:
+mlx-lm's tensor-parallel scheme (``shard``) and layer pipelining
+(``pipeline``), the same ones mlx-lm implements for deepseek_v3 and
+qwen3_moe.
 """
 
-from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
@@ -15,14 +16,12 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.pipeline import PipelineMixin
 from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
 
-from .common import install_on_demand_blocks, open_at_load, register_config, strip_experts
+from .common import register_config
+from .on_demand import OnDemandModel, odmoe_args
 
 register_config("qwen2_moe_odmoe", Qwen2MoeConfig)
 
-
-@dataclass
-class ModelArgs(qwen2_moe.ModelArgs):
-    odmoe: Optional[dict] = None
+ModelArgs = odmoe_args(qwen2_moe.ModelArgs, __name__)
 
 
 class ShardableMoeBlock(qwen2_moe.Qwen2MoeSparseMoeBlock):
@@ -71,17 +70,13 @@ class PipelinedModel(qwen2_moe.Qwen2MoeModel):
         return self.norm(h)
 
 
-class Model(qwen2_moe.Model):
+class PipelinedQwen2Moe(qwen2_moe.Model):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
         self.model = PipelinedModel(args)
-        self.expert_runtime = install_on_demand_blocks(self, args, args.num_experts)
 
-    def sanitize(self, weights):
-        weights = super().sanitize(strip_experts(weights))
-        open_at_load(self.expert_runtime)
-        return weights
 
+class Model(OnDemandModel, PipelinedQwen2Moe):
     def shard(self, group: Optional[mx.distributed.Group] = None):
         group = group or mx.distributed.init()
         N = group.size()

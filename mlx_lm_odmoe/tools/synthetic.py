@@ -247,3 +247,25 @@ def _save(tensors: dict, path: Path, dtype: str):
     save_file(
         {k: v.astype(np_dtype) for k, v in tensors.items()}, str(path), metadata={"format": "pt"}
     )
+
+
+def write_stock_checkpoint(out_dir, config: dict, seed: int = 0, q_bits: Optional[int] = None):
+    """A stock mlx-lm folder for ``config``: the model built by mlx-lm's own
+    classes (random init, seeded), optionally quantized by mlx-lm's
+    ``quantize_model`` (group size 32), saved by mlx-lm's own ``save_model``
+    and ``save_config``, with a small tokenizer."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    if q_bits:
+        model, config = quantize_model(model, config, 32, q_bits)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out, model)
+    save_config(dict(config), config_path=out / "config.json")
+    write_tokenizer(out)
+    return out

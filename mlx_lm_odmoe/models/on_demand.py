@@ -1,0 +1,82 @@
+"""The rule: any mlx-lm MoE architecture ``<base>`` served as ``<base>_odmoe``.
+
+The module is mlx-lm's own ``<base>``, with:
+
+- ``ModelArgs``: its ModelArgs plus the ``odmoe`` section of config.json;
+- ``Model``: its Model with every switch layer (SwitchGLU / SwitchMLP,
+  wherever it sits) replaced by an on-demand block that runs a weightless
+  copy of that layer, and a ``sanitize`` that drops the routed experts (the
+  store has them).
+
+Types with extras (qwen2_moe_odmoe, kimi_k2_odmoe) are written as files that
+use the same pieces; every other type is built here when first imported
+(see ``_bootstrap``).
+"""
+
+import dataclasses
+import importlib
+import types
+from typing import Optional
+
+from ..block import OnDemandSwitchGLU
+from ..model_types import STOCK_ALIASES
+from .common import install_on_demand_blocks, open_at_load, register_config
+
+
+def odmoe_args(stock_args: type, module: str) -> type:
+    """``stock_args`` with an ``odmoe`` field (the section of config.json)."""
+    return dataclasses.make_dataclass(
+        "ModelArgs",
+        [("odmoe", Optional[dict], dataclasses.field(default=None))],
+        bases=(stock_args,),
+        namespace={"__module__": module},
+    )
+
+
+class OnDemandModel:
+    """Mixin put before a stock mlx-lm ``Model``: on-demand routed experts."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.expert_runtime = install_on_demand_blocks(self, args)
+
+    def stock_sanitize(self, weights: dict) -> dict:
+        """mlx-lm's sanitize: checkpoint names and layouts to the model's,
+        routed experts stacked (lazily) as the stock switch layers hold them."""
+        return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
+
+    def without_routed(self, weights: dict) -> dict:
+        """``weights`` less the routed experts' tensors (the store has them)."""
+        routed = tuple(
+            f"{path}." for path, m in self.named_modules() if isinstance(m, OnDemandSwitchGLU)
+        )
+        return {k: v for k, v in weights.items() if not k.startswith(routed)}
+
+    def sanitize(self, weights: dict) -> dict:
+        weights = self.without_routed(self.stock_sanitize(weights))
+        open_at_load(self.expert_runtime)
+        return weights
+
+
+def build_module(base: str, name: str) -> types.ModuleType:
+    """The module ``name`` (``mlx_lm_odmoe.models.<base>_odmoe``) serving
+    mlx-lm's ``base``."""
+    base = STOCK_ALIASES.get(base, base)
+    stock = importlib.import_module(f"mlx_lm.models.{base}")
+    module = types.ModuleType(name, f"{name}: mlx-lm's {base} with on-demand routed experts.")
+    module.ModelArgs = odmoe_args(stock.ModelArgs, name)
+    module.Model = type("Model", (OnDemandModel, stock.Model), {"__module__": name})
+    if hasattr(stock, "TOKENIZER_DEFAULTS"):
+        module.TOKENIZER_DEFAULTS = stock.TOKENIZER_DEFAULTS
+    _register_transformers_config(name.rpartition(".")[2], base)
+    return module
+
+
+def _register_transformers_config(model_type: str, base: str):
+    try:
+        from transformers import CONFIG_MAPPING
+
+        config_class = CONFIG_MAPPING[base]
+    except (ImportError, KeyError, ValueError):
+        return  # transformers does not know the base either
+    register_config(model_type, config_class)
