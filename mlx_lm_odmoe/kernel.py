@@ -54,20 +54,30 @@ def weightless_copy(switch: nn.Module) -> nn.Module:
     return shell
 
 
+def projection_quantization(quantization: Optional[dict]) -> Dict[str, dict]:
+    """The per-projection entries of an expert layout's quantization
+    (``{"down_proj": {"group_size": 64, "bits": 8}}`` where a recipe, e.g.
+    granitemoe's, quantizes one projection apart from the others)."""
+    return {k: v for k, v in (quantization or {}).items() if isinstance(v, dict)}
+
+
 def make_kernel(shell: nn.Module, specs: TensorSpecs, quantization: Optional[dict]):
     """The module a block binds pools to: ``shell`` as is, or quantized the
-    way mlx-lm quantizes the layer (its own ``to_quantized``)."""
+    way mlx-lm quantizes the layer (its own ``to_quantized``), projections
+    with an entry of their own in ``quantization`` as that entry says."""
     kernel = weightless_copy(shell)
     if quantization:
         for name, proj in projections(kernel).items():
             proj.weight = mx.zeros((1,) + specs[f"{name}.weight"][0])
             if f"{name}.bias" in specs:
                 proj.bias = mx.zeros((1,) + specs[f"{name}.bias"][0])
+        own = projection_quantization(quantization)
         nn.quantize(
             kernel,
             group_size=quantization["group_size"],
             bits=quantization["bits"],
             mode=quantization.get("mode", "affine"),
+            class_predicate=lambda path, m: hasattr(m, "to_quantized") and own.get(path, True),
         )
         unbind(kernel)
     return kernel

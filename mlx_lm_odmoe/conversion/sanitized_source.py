@@ -7,7 +7,6 @@ hold them. This source runs it (lazily) and serves each expert as a slice of
 those stacked tensors, evaluating one layer's experts at a time.
 """
 
-import json
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -45,20 +44,24 @@ class SanitizedSource:
         }
 
     def expert_quantization(self) -> Optional[dict]:
-        """The experts' quantization: a per-layer entry of the switch
-        layers' projections when the checkpoint has one, else the global."""
+        """The experts' quantization: the checkpoint's, with the entries a
+        recipe gives the switch layers' projections (the same in every
+        layer) under the projection's name."""
         q = self.config.get("quantization")
         if not q:
             return None
-        own = {
-            json.dumps(v, sort_keys=True)
-            for path in self._paths.values()
-            for k, v in q.items()
-            if k.startswith(path + ".") and isinstance(v, dict)
-        }
-        if len(own) > 1:
-            raise ValueError(f"{self.path}: routed experts quantized differently across layers")
-        return json.loads(own.pop()) if own else self.quantization
+        own = {}
+        for path in self._paths.values():
+            for k, v in q.items():
+                if k.startswith(path + ".") and isinstance(v, dict):
+                    own.setdefault(k[len(path) + 1 :], []).append(v)
+        for proj, entries in own.items():
+            if len(entries) != len(self._paths) or any(e != entries[0] for e in entries):
+                raise ValueError(
+                    f"{self.path}: the routed experts' {proj} is quantized differently across "
+                    "layers, which one expert layout cannot hold"
+                )
+        return {**self.quantization, **{proj: entries[0] for proj, entries in own.items()}}
 
     def expert(self, layer: int, expert: int) -> Dict[str, mx.array]:
         if self._layer[0] != layer:

@@ -1,13 +1,15 @@
 """What every odmoe model type shares: swapping blocks and dropping experts."""
 
 import weakref
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..block import OnDemandSwitchGLU
-from ..kernel import expert_tensors
+from ..kernel import expert_tensors, projection_quantization
+from ..layout import EXPERTS_DIR, load_layout
 from ..runtime import ExpertRuntime
 from ..switches import layers_path, module_at, parent_of, replace_module, switch_layers_of
 
@@ -56,11 +58,14 @@ def top_k_of(args) -> int:
     return 1
 
 
-def _expected_layout(switches: dict) -> Optional[dict]:
-    """What the runtime checks the expert files against (SwiGLU experts)."""
+def _expected_layout(switches: dict, model_dir) -> Optional[dict]:
+    """What the runtime checks the expert files against: SwiGLU experts
+    quantized alike (its check reads one bit width)."""
     switch = next(iter(switches.values()))[1]
     specs = expert_tensors(switch)
     if not {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} <= set(specs):
+        return None
+    if model_dir is not None and _quantized_per_projection(model_dir):
         return None
     hidden, dims = specs["gate_proj.weight"][0]
     return {
@@ -71,6 +76,14 @@ def _expected_layout(switches: dict) -> Optional[dict]:
     }
 
 
+def _quantized_per_projection(model_dir) -> bool:
+    try:
+        layout = load_layout(Path(model_dir) / EXPERTS_DIR)
+    except (OSError, ValueError):
+        return False  # not converted, or broken: opening the store says so
+    return bool(projection_quantization(layout.quantization))
+
+
 def install_on_demand_blocks(model, args) -> ExpertRuntime:
     """Replace every switch layer with an on-demand block, all sharing one
     runtime. Each block takes its switch layer's own configuration."""
@@ -78,7 +91,8 @@ def install_on_demand_blocks(model, args) -> ExpertRuntime:
     if not switches:
         raise ValueError(f"{type(model).__module__}: the model has no SwitchGLU/SwitchMLP layer")
     num_layers = getattr(args, "num_hidden_layers", None) or max(switches) + 1
-    runtime = ExpertRuntime(args.odmoe, top_k_of(args), num_layers, _expected_layout(switches))
+    runtime = ExpertRuntime(args.odmoe, top_k_of(args), num_layers)
+    runtime.expected = _expected_layout(switches, runtime.model_dir)
     for i, (path, switch) in switches.items():
         block = OnDemandSwitchGLU(runtime, i, switch=switch)
         replace_module(model, path, block)
