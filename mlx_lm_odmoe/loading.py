@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 from .errors import BudgetError, ModelNotFoundError
-from .model_types import is_odmoe_type, odmoe_type_for, supported_sources
+from .model_types import is_odmoe_type, odmoe_type_of_config, supported_sources
 from .settings import LOAD_KEY
 
 # What the Hub accepts as a repo id; anything else that is not a folder here
@@ -53,8 +53,8 @@ def odmoe_model_config(
     if expert_cache is not None:
         given["expert_cache"] = expert_cache
     model_type = config.get("model_type")
-    if odmoe_type_for(model_type):
-        mc["model_type"] = odmoe_type_for(model_type)
+    if odmoe_type_of_config(config):
+        mc["model_type"] = odmoe_type_of_config(config)
         given["source"] = "mlx"
         q = config.get("quantization")
         if q:

@@ -67,6 +67,9 @@ STOCK_ALIASES = {
     "deepseek_v41_text": "deepseek_v41",
 }
 
+# mlx-lm's (model_type, architecture) remaps (MODEL_ARCHITECTURE_REMAPPING).
+STOCK_ARCHITECTURES = {("bailing_hybrid", "BailingMoeV3ForCausalLM"): "bailing_moe_v3"}
+
 # Types with a module of their own in mlx_lm_odmoe/models (the rule plus
 # extras), by the stock types they serve. Kimi K2 and K2.5 are mlx-lm's
 # deepseek_v3 architecture.
@@ -102,6 +105,17 @@ def is_odmoe_type(model_type: Optional[str]) -> bool:
 def odmoe_type_for(model_type: Optional[str]) -> Optional[str]:
     """The odmoe type serving a stock ``model_type`` (None if there is none)."""
     return ODMOE_TYPE_OF.get(model_type)
+
+
+def odmoe_type_of_config(config: dict) -> Optional[str]:
+    """The odmoe type serving a stock config.json, its architectures
+    considered as mlx-lm considers them."""
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or ()
+    for arch in [architectures] if isinstance(architectures, str) else architectures:
+        if (model_type, arch) in STOCK_ARCHITECTURES:
+            return odmoe_type_for(STOCK_ARCHITECTURES[(model_type, arch)])
+    return odmoe_type_for(model_type)
 
 
 def supported_sources() -> list:

@@ -4,7 +4,8 @@ mlx-lm's MoE models keep their routed experts in one ``SwitchGLU`` or
 ``SwitchMLP`` per decoder layer, under names that vary by architecture
 (``mlp.switch_mlp``, ``block_sparse_moe.switch_mlp``, ``feed_forward.experts``,
 ``mlp.experts``, ...). They are found by walking the modules, and keyed by
-the index of the decoder layer (``...layers.{i}...``) they belong to.
+the index of the decoder layer they belong to: the first list index in the
+module's path (``model.layers.{i}...``, phixtral's ``transformer.h.{i}...``).
 """
 
 import re
@@ -15,7 +16,7 @@ from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 STOCK_SWITCHES = (SwitchGLU, SwitchMLP)
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def switch_layers_of(model: nn.Module, types=STOCK_SWITCHES) -> Dict[int, Tuple[str, nn.Module]]:
@@ -26,7 +27,7 @@ def switch_layers_of(model: nn.Module, types=STOCK_SWITCHES) -> Dict[int, Tuple[
             continue
         m = _LAYER.search(path)
         if m is None:
-            raise ValueError(f"switch layer {path} is not inside a decoder layer (layers.N)")
+            raise ValueError(f"switch layer {path} is not inside a list of decoder layers")
         layer = int(m.group(1))
         if layer in found:
             raise ValueError(
@@ -56,5 +57,4 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def layers_path(switch_path: str) -> str:
     """The path of the decoder layers' list a switch layer sits in."""
-    m = _LAYER.search(switch_path)
-    return switch_path[: m.end()].rstrip(".").rpartition(".")[0]
+    return switch_path[: _LAYER.search(switch_path).start()]

@@ -27,7 +27,7 @@ from mlx_lm_odmoe.backend import default_dtype, expert_float_dtype, half_precisi
 from mlx_lm_odmoe.block import OnDemandSwitchGLU, moe_layers_of
 from mlx_lm_odmoe.errors import ConversionError, OdmoeError
 from mlx_lm_odmoe.layout import EXPERTS_DIR, FORMAT_VERSION, load_layout
-from mlx_lm_odmoe.model_types import DEDICATED, odmoe_type_for, supported_sources
+from mlx_lm_odmoe.model_types import DEDICATED, odmoe_type_of_config, supported_sources
 
 from .atomic import atomic_dir
 from .shard_writer import ExpertShardWriter
@@ -48,7 +48,7 @@ _TOKENIZER_GLOBS = (
 
 def odmoe_config(source_config: dict) -> dict:
     base = source_config.get("model_type")
-    odmoe = odmoe_type_for(base)
+    odmoe = odmoe_type_of_config(source_config)
     if odmoe is None:
         raise ValueError(
             f"model_type {base!r} is not supported; expected one of {supported_sources()}"
@@ -63,6 +63,21 @@ def odmoe_config(source_config: dict) -> dict:
     ):
         config.pop(k, None)
     return config
+
+
+def _resident(model, weights: dict) -> dict:
+    """The resident weights as the model holds them. A checkpoint already
+    named as the model's parameters (an mlx-lm folder) is taken as is:
+    loading runs mlx-lm's sanitize on it, as on the source, and some
+    sanitizes are not idempotent (bailing_moe normalizes lm_head each time).
+    Others go through sanitize (no store is opened: it only sanitizes)."""
+    from mlx.utils import tree_flatten
+
+    as_is = model.without_routed(weights)
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    if {k for k in as_is if not k.endswith((".scales", ".biases"))} == names:
+        return as_is
+    return model.sanitize(weights)
 
 
 def _without_expert_entries(quantization: dict, model) -> dict:
@@ -128,7 +143,7 @@ def convert(
         if hasattr(src, "attach"):
             src.attach(model)
         keep = getattr(model, "cast_predicate", lambda _: True)
-        weights = model.sanitize(src.resident_weights())  # no store: only sanitizes
+        weights = _resident(model, src.resident_weights())
         if src.quantization:
             _quantize_like_source(model, src.config["quantization"], weights)
         model.load_weights(list(weights.items()), strict=True)

@@ -25,7 +25,7 @@ from mlx_lm_odmoe.layout import (
     LayoutError,
     read_safetensors_header,
 )
-from mlx_lm_odmoe.model_types import DEDICATED, STOCK_TYPE_OF, is_odmoe_type, odmoe_type_for
+from mlx_lm_odmoe.model_types import DEDICATED, STOCK_TYPE_OF, is_odmoe_type, odmoe_type_of_config
 from mlx_lm_odmoe.models.common import is_expert_key
 
 _EXPERT_RE = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
@@ -186,7 +186,7 @@ def open_source(path, dtype: Optional[str] = None):
         )
     if is_converted(path):
         return ConvertedSource(path)
-    if odmoe_type_for(read_config(path).get("model_type")) not in DEDICATED.values():
+    if odmoe_type_of_config(read_config(path)) not in DEDICATED.values():
         from .sanitized_source import SanitizedSource
 
         return SanitizedSource(path)
