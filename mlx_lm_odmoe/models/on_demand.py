@@ -25,11 +25,19 @@ from .common import install_on_demand_blocks, open_at_load, register_config
 
 def odmoe_args(stock_args: type, module: str) -> type:
     """``stock_args`` with an ``odmoe`` field (the section of config.json)."""
+
+    def from_dict(cls, params):
+        args = stock_args.from_dict.__func__(cls, params)
+        # Some stock from_dicts build the args themselves (kimi_k3 wraps a
+        # flat config as its text_config) and would leave it out.
+        args.odmoe = params.get("odmoe")
+        return args
+
     return dataclasses.make_dataclass(
         "ModelArgs",
         [("odmoe", Optional[dict], dataclasses.field(default=None))],
         bases=(stock_args,),
-        namespace={"__module__": module},
+        namespace={"__module__": module, "from_dict": classmethod(from_dict)},
     )
 
 
