@@ -84,6 +84,16 @@ def _quantized_per_projection(model_dir) -> bool:
     return bool(projection_quantization(layout.quantization))
 
 
+def _shared_expert(moe: nn.Module, input_dims: int) -> Optional[nn.Module]:
+    """The MoE block's shared expert if it reads the routed experts' input
+    size (not so where experts run in a latent space, as in Kimi K3)."""
+    shared = next((moe[n] for n in _SHARED_EXPERTS if isinstance(moe.get(n), nn.Module)), None)
+    first = next((shared[n] for n in ("gate_proj", "up_proj", "fc1") if n in (shared or {})), None)
+    if isinstance(first, nn.Linear) and first.weight.shape[-1] == input_dims:
+        return shared
+    return None
+
+
 def install_on_demand_blocks(model, args) -> ExpertRuntime:
     """Replace every switch layer with an on-demand block, all sharing one
     runtime. Each block takes its switch layer's own configuration."""
@@ -96,8 +106,7 @@ def install_on_demand_blocks(model, args) -> ExpertRuntime:
     for i, (path, switch) in switches.items():
         block = OnDemandSwitchGLU(runtime, i, switch=switch)
         replace_module(model, path, block)
-        moe = parent_of(model, path)
-        shared = next((moe[n] for n in _SHARED_EXPERTS if isinstance(moe.get(n), nn.Module)), None)
+        shared = _shared_expert(parent_of(model, path), block.dims[0])
         if shared is not None:
             block.start_early(early_start(shared))
     where = layers_path(next(iter(switches.values()))[0])  # "model.layers", ...
