@@ -88,6 +88,16 @@ def test_rule_bases_are_the_installed_mlx_lm_moe_architectures():
     assert set(RULE_BASES) == found
 
 
+def test_readme_table_lists_every_architecture():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("## Architectures", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(\w+)` \|", table, re.M)) == set(RULE_BASES)
+
+
+def test_every_architecture_has_a_tiny_config():
+    assert set(ARCHS) == set(RULE_BASES)
+
+
 @pytest.mark.parametrize("base", RULE_BASES)
 def test_every_base_resolves_as_an_odmoe_type(base):
     module = importlib.import_module(f"mlx_lm.models.{ODMOE_TYPE_OF[base]}")

@@ -298,7 +298,7 @@ def configure_parser() -> argparse.ArgumentParser:
             "Convert a Hugging Face (per-expert tensors), mlx-lm (stacked "
             "switch_mlp) or llama.cpp GGUF MoE checkpoint into a model folder "
             "whose routed experts are loaded on demand. Supported model types: "
-            "qwen2_moe, deepseek_v3, kimi_k2, kimi_k25 (GGUF: qwen2moe, "
+            "every mlx-lm MoE type (README: Architectures; GGUF: qwen2moe, "
             "deepseek2). The output loads with stock mlx_lm.generate / "
             "mlx_lm.server / mlx_lm.load."
         ),
