@@ -91,10 +91,36 @@ def _normal(value) -> str:
 
 
 def physical_memory() -> int:
+    """This machine's memory, or the memory cgroup's limit if smaller."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
+        total = 16 * 2**30
+    limit = cgroup_memory_limit()
+    return min(total, limit) if limit else total
+
+
+def cgroup_memory_limit() -> Optional[int]:
+    """The memory limit of this process's cgroup (Linux, v1 or v2), if any."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            f = f"/sys/fs/cgroup{path}/memory.max"
+        elif "memory" in controllers.split(","):
+            f = f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            value = open(f).read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            return int(value)
+    return None
 
 
 def default_budget(total_nbytes: int, memory: Optional[int] = None) -> int:

@@ -61,6 +61,9 @@ class ExpertRuntime:
 
     def close(self):
         if self._store is not None:
+            save = getattr(self, "save_warm_start", None)
+            if save is not None:
+                save()
             self._store.close()
             self._store = None
 
@@ -86,11 +89,12 @@ class ExpertRuntime:
     def attach_predictor(self, predictor):
         """Prefetch with ``predictor`` (research, tests). A store planned
         without prediction gets ``prefetch_staging`` staging slots per layer
-        on top of its budget."""
+        on top of its budget when guesses go to staging slots."""
         self.predictor = predictor
         self.prefetch_state = "on"
         store = self.store
-        if predictor is not None and getattr(store, "staging", None) == 0:
+        staging = self.settings.prefetch_into == "staging"
+        if predictor is not None and staging and getattr(store, "staging", None) == 0:
             store.set_staging(self.settings.prefetch_staging)
         return predictor
 
@@ -108,12 +112,14 @@ class ExpertRuntime:
         plan = self._plan(layout, len(layers))
         if plan.slots < layout.num_experts and self.predictor is None:
             self.predictor = self._load_predictor(reader)
-        if self.predictor is not None:
+        if self.predictor is not None and self.settings.prefetch_into == "staging":
             plan = self._plan(layout, len(layers), self.settings.prefetch_staging)
             if plan.staging == 0:
                 self.predictor = None
                 self.prefetch_state = "off (the budget leaves no staging slots)"
         self.budget = plan.budget_bytes
+        self.direct_io = self._direct_io(layout, plan)
+        reader.set_direct_io(self.direct_io)
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
         store = CachedStore(
             reader,
@@ -123,10 +129,48 @@ class ExpertRuntime:
             telemetry=telemetry,
             staging=plan.staging if self.predictor is not None else 0,
         )
+        store.prefetch_width = self.top_k
         if store.identity and self.settings.preload:
             store.warm(layers)
         self._store = store
+        if not store.identity and self.settings.warm_start:
+            self._warm_start(store, layout, plan.slots)
         return store
+
+    def _warm_start(self, store, layout, slots):
+        """Preload the experts earlier runs used most; save this run's at exit."""
+        import atexit
+        import weakref
+
+        from . import warm_start
+
+        path = Path(self.settings.warm_start_file or warm_start.counts_path(self.model_dir))
+        counts = warm_start.load_counts(path, layout.moe_layers, layout.num_experts)
+        if counts is not None:
+            store.preload(warm_start.hottest(counts, slots))
+        ref = weakref.ref(store)
+
+        def save():
+            s = ref()
+            if s is not None:
+                warm_start.save_counts(path, s.telemetry.routes_per_layer())
+
+        self.save_warm_start = save
+        atexit.register(save)
+
+    def _direct_io(self, layout, plan) -> bool:
+        """Around the page cache when it could not keep the experts anyway:
+        they and the budget exceed memory (or the memory cgroup's limit).
+        Then it would only hold a second copy of what the store holds and,
+        under pressure, re-read pages it dropped."""
+        choice = self.settings.direct_io
+        if choice != "auto":
+            return choice == "on"
+        from .budget import physical_memory
+
+        if plan.slots >= layout.num_experts:
+            return False  # read once, at load
+        return layout.total_nbytes + plan.budget_bytes > physical_memory()
 
     def _policy(self):
         """LFU with decay unless asked for LRU: on the trained models' traces

@@ -26,6 +26,8 @@ CHOICES = {
     "policy": ("lfu-decay", "lru"),
     "predictor": ("auto", "on", "off"),
     "hub_download": ("lazy", "all"),
+    "direct_io": ("auto", "on", "off"),
+    "prefetch_into": ("cache", "staging"),
 }
 
 
@@ -56,12 +58,23 @@ class Settings:
     prefetch_min_prob: float = 0.125
     prefetch_stride: int = 1
     prefetch_staging: int = 4
+    # Where guesses land: "cache" over the policy's victim (the cache keeps
+    # all its slots), or "staging" slots taken out of the budget, which
+    # never evict (measured in the I/O-bound regime: benchmarks/io_bound.py).
+    prefetch_into: str = "cache"
     prefetch_min_read_ms: float = 0.5
     read_threads: int = 4
     preload: bool = True  # read every expert at load when all fit
     log_interval: Optional[float] = field(default=None, metadata=_env("log_interval"))
     hub_download: str = field(default="lazy", metadata=_env("hub_download"))
     drop_page_cache: bool = field(default=False, metadata=_env("drop_page_cache"))
+    # Read experts around the page cache: "auto" does where the page cache
+    # could not keep the experts anyway (they and the budget exceed memory).
+    direct_io: str = field(default="auto", metadata=_env("direct_io"))
+    # Start with the experts earlier runs used most (counts saved at exit in
+    # the user's cache folder, or in warm_start_file).
+    warm_start: bool = field(default=True, metadata=_env("warm_start"))
+    warm_start_file: Optional[str] = field(default=None, metadata=_env("warm_start_file"))
 
     @classmethod
     def build(

@@ -55,6 +55,8 @@ class Telemetry:
         self._owner = None  # thread that records lazy routes
         self._fold_wanted = threading.Event()
         self._folded = threading.Event()
+        # Routes since start, kept across reset(): what warm start saves.
+        self.lifetime_use = np.zeros((len(self.moe_layers), num_experts), dtype=np.int64)
         self.reset()
 
     def reset(self):
@@ -69,6 +71,7 @@ class Telemetry:
             self.prefetch_hits = 0
             self.wasted_bytes = 0
             self.read_wait_s = 0.0  # host time blocked on expert reads
+            self.preloaded_bytes = 0  # warm start
             self.predicted = {}  # target layer -> experts predicted for it
             self.recall_hits = 0
             self.recall_total = 0
@@ -85,6 +88,7 @@ class Telemetry:
         counts = np.bincount(ids.reshape(-1), minlength=self.num_experts)
         with self._lock:
             self.expert_use[row] += counts
+            self.lifetime_use[row] += counts
             self.forward_calls += calls
             if hits is not None:
                 self.layer_hits[row] += hits
@@ -150,6 +154,11 @@ class Telemetry:
                 us = dt * 1e6
                 self.latency_hist[bisect.bisect_left(LATENCY_EDGES_US, us)] += 1
 
+    def record_preload(self, nbytes: int):
+        with self._lock:
+            self.preloaded_bytes += nbytes
+            self.bytes_read += nbytes
+
     def record_prefetch(self, nbytes: int):
         with self._lock:
             self.prefetched_bytes += nbytes
@@ -183,6 +192,14 @@ class Telemetry:
             self.evictions += n
 
     # -- reading -----------------------------------------------------------
+    def routes_per_layer(self) -> Dict[int, np.ndarray]:
+        """{layer: routes per expert} since start (folds parked routes if
+        called on the computing thread)."""
+        if self._owner in (None, threading.get_ident()):
+            self._drain()
+        with self._lock:
+            return {l: self.lifetime_use[row].copy() for l, row in self._row.items()}
+
     def summary(self) -> str:
         """One line for logs."""
         with self._lock:
@@ -228,6 +245,7 @@ class Telemetry:
                 "prefetch_hits": int(self.prefetch_hits),
                 "wasted_bytes": int(self.wasted_bytes),
                 "read_wait_s": float(self.read_wait_s),
+                "preloaded_bytes": int(self.preloaded_bytes),
                 "predictor_recall": self.recall_hits / self.recall_total
                 if self.recall_total
                 else None,
@@ -296,6 +314,8 @@ class ExpertStats:
     predictor_recall: Optional[float]
     # Host time the forward pass spent blocked on expert reads (stall)
     read_wait_s: float = 0.0
+    # Bytes read at load from the last runs' hottest experts (warm start)
+    preloaded_bytes: int = 0
 
     def __getitem__(self, key):
         # Scripts written against the dict this used to be keep working.

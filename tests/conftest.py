@@ -5,12 +5,16 @@ tokenizers, mlx-lm's own convert) and read back through the real loaders.
 """
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Warm-start counts go to a cache folder of this session's own, so no run
+# starts from what an earlier one used.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="odmoe-test-cache-")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from mlx_lm_odmoe.conversion.convert import convert  # noqa: E402

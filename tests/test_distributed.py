@@ -16,6 +16,9 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 ENV = {
     **os.environ,
     "MLX_LM_ODMOE_EXPERT_CACHE": "min",
+    # Ranks compare bytes read with one process's: no warm start, no guesses.
+    "MLX_LM_ODMOE_WARM_START": "0",
+    "MLX_LM_ODMOE_PREDICTOR": "off",
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONWARNINGS": "ignore",
 }

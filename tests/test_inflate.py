@@ -203,3 +203,22 @@ def test_the_command_prints_the_sizes_and_refuses_bad_input_without_a_traceback(
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "error: " in proc.stderr and message in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]  # nothing half-written
+
+
+def test_the_inflated_qwen_model_exports_as_a_gguf_with_the_same_float_experts(inflated, tmp_path):
+    """The llama.cpp race runs on the same weights: the GGUF's expert
+    tensors are the inflated model's float32 experts, stacked per layer."""
+    from gguf import GGUFReader
+
+    from mlx_lm_odmoe.tools.large_synthetic import export_gguf
+
+    folder = inflated("tiny-qwen2-moe")
+    path = export_gguf(folder, tmp_path / "wide.gguf", progress=False)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    reader = ShardedFolderReader(folder)
+    layer = reader.layout.moe_layers[-1]
+    up = tensors[f"blk.{layer}.ffn_up_exps.weight"]
+    assert up.tensor_type.name == "F32"
+    want = record_to_arrays(reader.read(layer, 3), reader.layout)["up_proj.weight"]
+    got = np.asarray(up.data).reshape(-1, *want.shape)[3]
+    assert np.array_equal(got, np.array(want))

@@ -158,11 +158,39 @@ def test_without_a_shadow_model_the_routers_themselves_predict(models):
     )
     assert isinstance(model.expert_runtime.predictor, RouterLookahead)
     assert mlx_lm_odmoe.stats(model)["prefetch"] == "on"
-    # At the minimum budget there is no room to stage guesses: prediction is off, and says why.
+    # Guesses land in the cache itself, so even the minimum budget predicts...
     model, _ = mlx_lm_odmoe.load(
         models("qwen2_moe", "odmoe"),
         expert_cache="min",
         model_config={"odmoe": {"predictor": "on"}},
     )
+    assert mlx_lm_odmoe.stats(model)["prefetch"] == "on"
+    # ...but staging slots taken out of the budget leave no room there.
+    odmoe = {"predictor": "on", "prefetch_into": "staging"}
+    model, _ = mlx_lm_odmoe.load(
+        models("qwen2_moe", "odmoe"), expert_cache="min", model_config={"odmoe": odmoe}
+    )
     assert model.expert_runtime.predictor is None
     assert "no staging" in mlx_lm_odmoe.stats(model)["prefetch"]
+
+
+def test_guesses_read_into_the_cache_replace_the_victim_and_unused_ones_are_waste(models):
+    folder = models("qwen2_moe", "odmoe")
+    store = CachedStore(ShardedFolderReader(folder), slots_per_layer=4)
+    store.prefetch_width = 2
+    rec, layer = store.layout.record_nbytes, store.layout.moe_layers[0]
+    store.fetch(layer, np.arange(4))
+    store.prefetch(layer, np.array([0, 5, 6, 7]))  # 0 is resident; reads 5 and 6, not 7
+    s = store.telemetry.snapshot()
+    assert s["prefetched_bytes"] == 2 * rec and s["evictions"] == 2
+    assert store._layers[layer].expert_slot[0] >= 0  # a guess is never a victim
+    pool, slots = store.fetch(layer, np.array([0, 5]))  # 5 was a good guess
+    s = store.telemetry.snapshot()
+    assert (s["prefetch_hits"], s["misses"], s["bytes_read"]) == (1, 4, 6 * rec)
+    want = CachedStore(ShardedFolderReader(folder), slots_per_layer=4)
+    wpool, wslots = want.fetch(layer, np.array([0, 5]))
+    for name in pool:
+        assert mx.array_equal(pool[name][mx.array(slots)], wpool[name][mx.array(wslots)]).item()
+    others = np.flatnonzero(store._layers[layer].expert_slot < 0)[:3]
+    store.fetch(layer, others)  # evicts, among others, the unused guess 6
+    assert store.telemetry.snapshot()["wasted_bytes"] == rec

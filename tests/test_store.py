@@ -159,3 +159,46 @@ def test_slow_reads_of_a_layer_run_together_straight_into_the_pool(models):
     for name in f.pool:
         got = f.pool[name][mx.array(f.slots)]
         assert mx.array_equal(got, want[name][mx.array(want_slots)]).item()
+
+
+def test_direct_reads_around_the_page_cache_return_the_same_bytes(models):
+    folder = models("qwen2_moe", "odmoe")
+    buffered = ShardedFolderReader(folder)
+    direct = ShardedFolderReader(folder)
+    direct.set_direct_io(True)
+    layers, E = direct.layout.moe_layers, direct.layout.num_experts
+    for layer, expert in [(layers[0], 0), (layers[-1], E // 2), (layers[-1], E - 1)]:
+        dests = [np.zeros(t.nbytes, np.uint8) for t in direct.layout.tensors]
+        direct.read_into(layer, expert, dests)
+        assert np.array_equal(np.concatenate(dests), buffered.read(layer, expert))
+    model, _ = mlx_lm_odmoe.load(
+        folder, expert_cache="min", model_config={"odmoe": {"direct_io": "on"}}
+    )
+    assert model.expert_runtime.direct_io
+
+
+def test_the_default_reads_through_the_page_cache_where_it_can_hold_the_experts(models):
+    model, _ = mlx_lm_odmoe.load(models("qwen2_moe", "odmoe"), expert_cache="min")
+    assert not model.expert_runtime.direct_io
+
+
+def test_direct_reads_land_in_the_pool_itself_when_aligned(models):
+    """Shards start their data on a page boundary and pools are page
+    aligned, so a record of whole pages goes from the disk straight into its
+    slot; anything else goes through an aligned buffer, same bytes."""
+    from mlx_lm_odmoe.layout import read_safetensors_header
+    from mlx_lm_odmoe.store.records import aligned_zeros, mx_dtype, writable_rows
+
+    folder = models("qwen2_moe", "odmoe")
+    reader = ShardedFolderReader(folder)
+    for shard in reader.layout.shards:
+        assert read_safetensors_header(folder / "experts" / shard["file"])[1] % 4096 == 0
+    reader.set_direct_io(True)
+    lay = reader.layout
+    pool = {t.name: aligned_zeros((2,) + t.shape, mx_dtype(t.dtype)) for t in lay.tensors}
+    rows = writable_rows(pool, lay)
+    layer = lay.moe_layers[0]
+    reader.read_into(layer, 3, [r[1] for r in rows])
+    whole_pages = all(t.nbytes % 4096 == 0 for t in lay.tensors)
+    assert (getattr(reader._files._local, "bounce", None) is None) == whole_pages
+    assert np.array_equal(np.concatenate([r[1] for r in rows]), reader.read(layer, 3))

@@ -20,6 +20,8 @@ from mlx_lm_odmoe.layout import (
     record_specs,
 )
 
+DATA_ALIGN = 4096
+
 
 def ordered_names(arrays: Dict[str, mx.array]) -> List[str]:
     """Record order: SwiGLU projections first, others as given; each
@@ -86,7 +88,10 @@ class ExpertShardWriter:
                 }
                 offset += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        # Whitespace after the header (allowed by safetensors) starts the data
+        # on a page boundary: records whose size is a multiple of it can then
+        # be read around the page cache straight into the expert pool.
+        raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
         self._file = open(self.dir / name, "wb")
         self._hash = hashlib.sha256()
         self._write(len(raw).to_bytes(8, "little") + raw)

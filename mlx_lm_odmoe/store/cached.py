@@ -13,7 +13,7 @@ from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
 from .readers import ExpertReader
-from .records import mx_dtype, records_to_arrays, writable_rows
+from .records import aligned_zeros, mx_dtype, records_to_arrays, writable_rows
 
 
 class _LayerSlots:
@@ -28,15 +28,16 @@ class _LayerSlots:
     def __init__(self, layout: ExpertLayout, cached: int, staging: int):
         n = cached + staging
         self.pool: Pool = {
-            t.name: mx.zeros((n,) + t.shape, dtype=mx_dtype(t.dtype)) for t in layout.tensors
+            t.name: aligned_zeros((n,) + t.shape, mx_dtype(t.dtype)) for t in layout.tensors
         }
-        mx.eval(self.pool)
         self.rows = writable_rows(self.pool, layout)
         self.expert_slot = np.full(layout.num_experts, -1, dtype=np.int64)
         self.slot_expert = np.full(n, -1, dtype=np.int64)
         self.free = list(range(cached - 1, -1, -1))
         self.spare = list(range(n - 1, cached - 1, -1))
         self.staged: Dict[int, Tuple[int, Future]] = {}  # expert -> (slot, read)
+        self.loading: Dict[int, Future] = {}  # resident experts still being preloaded
+        self.guessed = set()  # read into the cache on a guess, not used yet
         self.retiring: List[Tuple[int, Future]] = []  # unused guesses still being read
 
 
@@ -150,6 +151,7 @@ class CachedStore(ExpertStore):
         # hand-off run on the calling thread.
         self.inline_read_s = 200e-6
         self._read_ema = 0.0
+        self.prefetch_width = 4  # guesses read into the cache per layer and token
 
     # -- interface ---------------------------------------------------------
     def capacity(self, layer):
@@ -169,11 +171,17 @@ class CachedStore(ExpertStore):
         st = self._layer(layer)
         experts = np.asarray(experts)
         protected = [int(e) for e in experts]
-        pending, fresh, ready, late = {}, [], 0, 0
+        pending, fresh, ready, late, guessed_hits = {}, [], 0, 0, 0
         missing = []
         for i, e in enumerate(protected):
             if st.expert_slot[e] >= 0:
                 self.policy.touch(layer, e)
+                loading = st.loading.pop(e, None)
+                if loading is not None:  # preloaded: a hit, perhaps still landing
+                    pending[i] = loading
+                if e in st.guessed:
+                    st.guessed.discard(e)
+                    guessed_hits += 1
             else:
                 missing.append((i, e))
         for i, e in missing:
@@ -189,8 +197,8 @@ class CachedStore(ExpertStore):
             else:
                 fresh.append((i, e, self._claim_slot(layer, st, e, protected)))
         self._expire_staged(st)
-        if ready + late:
-            self.telemetry.record_prefetch_hits(ready + late)
+        if ready + late + guessed_hits:
+            self.telemetry.record_prefetch_hits(ready + late + guessed_hits)
         nbytes = len(fresh) * self.layout.record_nbytes
         stats = [len(experts) - len(fresh) - late, len(fresh) + late, nbytes, []]
         slots = st.expert_slot[experts]
@@ -211,16 +219,50 @@ class CachedStore(ExpertStore):
         return f
 
     def prefetch(self, layer, experts):
+        """Read guesses for ``layer`` ahead: into its staging slots when it
+        has some, else into the cache itself, each over the policy's victim
+        (never an expert still landing), at most ``top_k`` per call."""
         st = self._layer(layer)
         self._reclaim(st)
-        for e in (int(e) for e in experts):
+        into_cache = self.staging == 0 and not self.identity
+        budget = self.prefetch_width
+        experts = [int(e) for e in experts]
+        for e in experts:
             if st.expert_slot[e] >= 0 or e in st.staged:
                 continue
-            if not st.spare:
-                break  # staging is full: the rest are not read at all
-            slot = st.spare.pop()
-            st.staged[e] = (slot, self._pool.submit(self._read_slot, layer, st, e, slot))
+            if into_cache:
+                if budget == 0:
+                    break
+                budget -= 1
+                # Never over a guess of this call or an expert still landing.
+                slot = self._claim_slot(layer, st, e, list(st.loading) + experts)
+                st.loading[e] = self._pool.submit(self._read_slot, layer, st, e, slot)
+                st.guessed.add(e)
+            else:
+                if not st.spare:
+                    break  # staging is full: the rest are not read at all
+                slot = st.spare.pop()
+                st.staged[e] = (slot, self._pool.submit(self._read_slot, layer, st, e, slot))
             self.telemetry.record_prefetch(self.layout.record_nbytes)
+
+    def preload(self, experts_per_layer) -> int:
+        """Start reading ``{layer: experts}`` into the cache in the
+        background (warm start); a layer asking for one before it has
+        landed waits for it. Returns how many reads were started."""
+        n = 0
+        for layer, experts in experts_per_layer.items():
+            if layer not in self.layout.locations:
+                continue
+            st = self._layer(layer)
+            protected = [int(e) for e in experts][: self.slots]
+            for e in protected:
+                if st.expert_slot[e] >= 0 or not (st.free or self.identity):
+                    continue
+                slot = self._claim_slot(layer, st, e, protected)
+                st.loading[e] = self._pool.submit(self._read_slot, layer, st, e, slot)
+                n += 1
+        self.telemetry.record_preload(n * self.layout.record_nbytes)
+        return n
 
     def set_staging(self, staging: int):
         """Give every layer ``staging`` staging slots (memory on top of the
@@ -230,7 +272,9 @@ class CachedStore(ExpertStore):
         for layer, st in self._layers.items():
             for e in np.flatnonzero(st.expert_slot >= 0):
                 self.policy.remove(layer, int(e))
-            for _, fut in list(st.staged.values()) + st.retiring:
+            for _, fut in (
+                list(st.staged.values()) + st.retiring + [(None, f) for f in st.loading.values()]
+            ):
                 fut.cancel()
                 try:
                     fut.result()
@@ -296,7 +340,16 @@ class CachedStore(ExpertStore):
         if st.free:
             return st.free.pop()
         victim = self.policy.victim(layer, protected)
+        loading = st.loading.pop(victim, None)
+        if loading is not None:  # its preload must land before the slot is reused
+            try:
+                loading.result()
+            except BaseException:
+                pass
         self.policy.remove(layer, victim)
+        if victim in st.guessed:  # read on a guess and never used
+            st.guessed.discard(victim)
+            self.telemetry.record_wasted(self.layout.record_nbytes)
         slot = int(st.expert_slot[victim])
         st.expert_slot[victim] = -1
         st.slot_expert[slot] = -1
@@ -320,6 +373,8 @@ class CachedStore(ExpertStore):
 
     def _forget(self, layer, st: _LayerSlots, expert: int):
         """A read failed: the slot holds nothing usable."""
+        st.loading.pop(expert, None)
+        st.guessed.discard(expert)
         slot = int(st.expert_slot[expert])
         if slot < 0:
             return

@@ -19,16 +19,26 @@ class MemoryStore(ExpertStore):
 
     @classmethod
     def from_reader(cls, reader, telemetry=None):
-        from .records import record_to_arrays
+        """Every expert of ``reader`` read into one stacked array per tensor
+        and layer, in place where the backend allows (no second copy)."""
+        from .records import aligned_zeros, mx_dtype, record_to_arrays, writable_rows
 
         layout = reader.layout
+        E = layout.num_experts
         pools = {}
         for l in layout.moe_layers:
-            experts = [
-                record_to_arrays(reader.read(l, e), layout) for e in range(layout.num_experts)
-            ]
-            pools[l] = {t.name: mx.stack([x[t.name] for x in experts]) for t in layout.tensors}
-            mx.eval(pools[l])
+            pool = {
+                t.name: aligned_zeros((E,) + t.shape, mx_dtype(t.dtype)) for t in layout.tensors
+            }
+            rows = writable_rows(pool, layout)
+            if rows is None:
+                experts = [record_to_arrays(reader.read(l, e), layout) for e in range(E)]
+                pool = {t.name: mx.stack([x[t.name] for x in experts]) for t in layout.tensors}
+                mx.eval(pool)
+            else:
+                for e in range(E):
+                    reader.read_into(l, e, [r[e] for r in rows])
+            pools[l] = pool
         return cls(layout, pools, telemetry)
 
     def capacity(self, layer):

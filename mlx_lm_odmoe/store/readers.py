@@ -51,6 +51,12 @@ class ExpertReader:
     def pread_into(self, path: Path, buf: memoryview, offset: int, what: str):
         read_with_retry(lambda: self._files.pread_into(path, buf, offset), what)
 
+    def set_direct_io(self, on: bool) -> None:
+        """Read around the page cache (see ``_Files``) where the OS allows."""
+        files = getattr(self, "_files", None)
+        if files is not None:
+            files.direct = bool(on)
+
     def close(self) -> None:
         pass
 
@@ -73,18 +79,42 @@ def probe_read_seconds(reader: "ExpertReader", n: int = 8) -> float:
     return statistics.median(times)
 
 
+_ALIGN = 4096  # direct reads: offsets, lengths and buffers aligned to this
+
+
+def _aligned(n: int) -> np.ndarray:
+    raw = np.empty(n + _ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start : start + n]
+
+
 class _Files:
     """Read-only file descriptors opened on first use, shared by threads.
 
     ``drop_cache``: after reading an expert the store holds its own copy;
     telling the kernel to drop those pages keeps the page cache from holding
     a second copy of every expert read (which, under a memory limit,
-    competes with the budget)."""
+    competes with the budget).
 
-    def __init__(self, drop_cache: bool = False):
+    ``direct``: read around the page cache altogether (``O_DIRECT`` on Linux,
+    ``F_NOCACHE`` on macOS). Under memory pressure buffered reads of large
+    records thrash: pages read ahead are reclaimed before they are copied
+    and read again (measured: 36 % more bytes from disk than the records
+    missed, in a cgroup of budget + 0.8 GB). ``O_DIRECT`` needs offsets,
+    lengths and buffers on page boundaries: the converter starts shard data
+    on one and the store aligns its pools, so a record whose size is a
+    multiple of a page goes from the disk straight into its pool slot (no
+    copy at all). Other reads land in an aligned buffer per thread and are
+    copied once, the one copy a buffered read makes anyway.
+    """
+
+    def __init__(self, drop_cache: bool = False, direct: bool = False):
         self._fds: Dict[Path, int] = {}
+        self._direct_fds: Dict[Path, tuple] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.drop_cache = drop_cache and hasattr(os, "posix_fadvise")
+        self.direct = direct
 
     def fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -96,15 +126,38 @@ class _Files:
                     self._fds[path] = fd
         return fd
 
+    def _direct_fd(self, path: Path):
+        """(descriptor reading around the page cache, whether its reads
+        must be aligned); None where the file system cannot (then reads
+        stay buffered)."""
+        if path in self._direct_fds:
+            return self._direct_fds[path]
+        with self._lock:
+            if path not in self._direct_fds:
+                self._direct_fds[path] = _open_uncached(path)
+        return self._direct_fds[path]
+
     def pread_into(self, path: Path, buf: memoryview, offset: int):
         self.preadv_into(path, [buf], offset)
 
     def preadv_into(self, path: Path, bufs, offset: int):
         """Fill ``bufs`` (writable buffers) from consecutive bytes at
         ``offset``: one system call for a whole record in the usual case."""
-        fd = self.fd(path)
         views = [memoryview(b).cast("B") for b in bufs]
-        total = sum(len(v) for v in views)
+        if self.direct:
+            fd, aligned_only = self._direct_fd(path)
+            if fd is not None:
+                if not aligned_only or _all_aligned(views, offset):
+                    return self._read_all(fd, path, views, offset)
+                return self._read_bounced(fd, path, views, offset)
+        self._read_all(self.fd(path), path, views, offset)
+        if self.drop_cache:
+            os.posix_fadvise(
+                self.fd(path), offset, sum(len(v) for v in views), os.POSIX_FADV_DONTNEED
+            )
+
+    @staticmethod
+    def _read_all(fd: int, path: Path, views, offset: int):
         done = 0
         while views:
             n = os.preadv(fd, views, offset + done)
@@ -118,14 +171,67 @@ class _Files:
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
-        if self.drop_cache:
-            os.posix_fadvise(fd, offset, total, os.POSIX_FADV_DONTNEED)
+
+    def _read_bounced(self, fd: int, path: Path, views, offset: int):
+        total = sum(len(v) for v in views)
+        start = offset - offset % _ALIGN
+        need = offset + total - start
+        span = -(-need // _ALIGN) * _ALIGN
+        bounce = getattr(self._local, "bounce", None)
+        if bounce is None or len(bounce) < span:
+            bounce = self._local.bounce = _aligned(span)
+        got = 0
+        while got < need:
+            n = os.preadv(fd, [memoryview(bounce)[got:span]], start + got)
+            if n <= 0:
+                raise OSError(f"{path}: unexpected end of file at byte {start + got} (truncated?)")
+            got += n
+        pos = offset - start
+        for v in views:  # numpy copies without holding the GIL
+            np.copyto(np.frombuffer(v, dtype=np.uint8), bounce[pos : pos + len(v)])
+            pos += len(v)
 
     def close(self):
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            direct = [fd for fd, _ in self._direct_fds.values()]
+            for fd in list(self._fds.values()) + direct:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
+
+
+def _all_aligned(views, offset: int) -> bool:
+    """Whether an O_DIRECT read can land in ``views`` themselves."""
+    if offset % _ALIGN:
+        return False
+    for v in views:
+        if len(v) % _ALIGN or np.frombuffer(v, dtype=np.uint8).ctypes.data % _ALIGN:
+            return False
+    return True
+
+
+def _open_uncached(path: Path):
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            return None, False  # tmpfs and some others refuse O_DIRECT
+    try:
+        import fcntl
+
+        nocache = getattr(fcntl, "F_NOCACHE", None)
+    except ImportError:
+        return None, False
+    if nocache is None:
+        return None, False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.fcntl(fd, nocache, 1)  # macOS: no alignment needed
+    except OSError:
+        os.close(fd)
+        return None, False
+    return fd, False
 
 
 class ExpertReadError(OSError):
@@ -413,6 +519,9 @@ class SlicedReader(ExpertReader):
     def __init__(self, base: ExpertReader, rank: int, size: int):
         self.base, self.rank, self.size = base, rank, size
         self.layout = base.layout.sliced(rank, size)
+
+    def set_direct_io(self, on):
+        self.base.set_direct_io(on)
 
     def read(self, layer, expert):
         buf = np.empty(self.layout.record_nbytes, dtype=np.uint8)

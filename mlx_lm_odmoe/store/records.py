@@ -34,6 +34,25 @@ def record_to_arrays(record: np.ndarray, layout: ExpertLayout) -> Dict[str, mx.a
     return {t.name: arrays[t.name].reshape(t.shape) for t in layout.tensors}
 
 
+def aligned_zeros(shape, dtype, align: int = 4096) -> mx.array:
+    """An evaluated zero array whose memory starts on an ``align`` boundary
+    (a view into a slightly larger buffer), so that reads around the page
+    cache, which need aligned buffers, can land in it directly."""
+    n = int(np.prod(shape)) * dtype.size
+    big = mx.zeros((n + align,), dtype=mx.uint8)
+    mx.eval(big)
+    try:
+        addr = np.frombuffer(memoryview(big), dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError, BufferError):
+        a = mx.zeros(shape, dtype=dtype)
+        mx.eval(a)
+        return a
+    pad = (-addr) % align
+    a = big[pad : pad + n].view(dtype).reshape(shape)
+    mx.eval(a)
+    return a
+
+
 def writable_rows(pool: Dict[str, mx.array], layout: ExpertLayout):
     """Per tensor of ``layout``, a writable uint8 view ``[slots, nbytes]`` of
     the evaluated pool array's own memory, or None where the backend does

@@ -93,7 +93,23 @@ def _load_mlx(spec: dict):
         rt.attach(MemoryStore.from_reader(old.reader, telemetry=old.telemetry))
         old.close()  # the reader is not needed once every expert is in memory
         return model, tok
-    return mlx_lm_odmoe.load(spec["path"], expert_cache=spec["budget"])
+    settings = spec.get("settings")
+    return mlx_lm_odmoe.load(
+        spec["path"],
+        expert_cache=spec["budget"],
+        model_config={"odmoe": settings} if settings else None,
+    )
+
+
+def _disk_read_bytes() -> Optional[int]:
+    """Bytes this process has had read from storage (not the page cache)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_s() -> float:
@@ -103,7 +119,7 @@ def _cpu_s() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def _mlx_generate(model, tok, ids: List[int], n: int):
+def _mlx_generate(model, tok, ids: List[int], n: int, on_first=None):
     """Greedy, EOS banned; returns (ttft_s, decode_s, decode_cpu_s, token ids)."""
     import mlx_lm
     from mlx_lm.sample_utils import make_sampler
@@ -127,8 +143,13 @@ def _mlx_generate(model, tok, ids: List[int], n: int):
     ):
         out.append(int(r.token))
         if t_first is None:
-            t_first, c_first = time.perf_counter(), _cpu_s()
-    return t_first - t0, time.perf_counter() - t_first, _cpu_s() - c_first, out
+            t_first, c_first, io_first = time.perf_counter(), _cpu_s(), _disk_read_bytes()
+            if on_first is not None:
+                on_first()
+    io = _disk_read_bytes()
+    t_end = time.perf_counter()
+    disk = io - io_first if io is not None else None
+    return t_first - t0, t_end - t_first, _cpu_s() - c_first, out, disk
 
 
 def _odmoe_stats(model) -> Optional[dict]:
@@ -151,6 +172,12 @@ def _odmoe_stats(model) -> Optional[dict]:
         "slots_per_layer",
         "num_experts",
         "expert_nbytes",
+        "read_wait_s",
+        "prefetch",
+        "prefetched_bytes",
+        "prefetch_hits",
+        "wasted_bytes",
+        "predictor_recall",
     )
     return {k: s[k] for k in keys}
 
@@ -161,19 +188,59 @@ def _reset_stats(model):
         rt.store.telemetry.reset()
 
 
+def _record_decode_routes(model) -> Optional[dict]:
+    """{layer: [ids of each decode step]} as the routers chose them."""
+    rt = getattr(model, "expert_runtime", None)
+    if rt is None:
+        return None
+    routes = {}
+
+    def observe(layer, x, indices):
+        if x.shape[1] == 1:
+            routes.setdefault(layer, []).append(indices.reshape(-1))
+
+    rt.observers.append(observe)  # host copies only at the end: no extra sync
+    return routes
+
+
 def _run_mlx(spec: dict) -> dict:
+    import numpy as np
+
     t0 = time.perf_counter()
     model, tok = _load_mlx(spec)
     load_s = time.perf_counter() - t0
     if spec["warmup_tokens"]:
         _mlx_generate(model, tok, spec["warmup_ids"], spec["warmup_tokens"])
     _reset_stats(model)
-    ttft, decode_s, cpu_s, out = _mlx_generate(model, tok, spec["prompt_ids"], spec["tokens"])
+    routes = _record_decode_routes(model) if spec.get("trace") else None
+    prefill = {}
+
+    def decode_only():  # the prompt's counters, then the decode's alone
+        prefill["stats"] = _odmoe_stats(model)
+        _reset_stats(model)
+
+    ttft, decode_s, cpu_s, out, disk = _mlx_generate(
+        model,
+        tok,
+        spec["prompt_ids"],
+        spec["tokens"],
+        on_first=decode_only if spec.get("split_stats") else None,
+    )
+    if prefill:
+        extra_prefill = {"prefill_stats": prefill["stats"]}
+    else:
+        extra_prefill = {}
+    extra = {}
+    if routes is not None:
+        extra["routes"] = {l: [np.array(r).tolist() for r in v] for l, v in routes.items()}
     return {
+        **extra,
+        **extra_prefill,
         "load_s": load_s,
         "ttft_s": ttft,
         "decode_s": decode_s,
         "decode_cpu_s": cpu_s,
+        "decode_disk_read_bytes": disk,
         "tokens": out,
         "stats": _odmoe_stats(model),
     }
@@ -209,19 +276,22 @@ def _run_llamacpp(spec: dict) -> dict:
         for token in llm.generate(ids, top_k=1, temp=0.0, reset=True, logits_processor=procs):
             out.append(int(token))
             if t_first is None:
-                t_first, c_first = time.perf_counter(), _cpu_s()
+                t_first, c_first, io_first = time.perf_counter(), _cpu_s(), _disk_read_bytes()
             if len(out) == n:
                 break
-        return t_first - t0, time.perf_counter() - t_first, _cpu_s() - c_first, out
+        io = _disk_read_bytes()
+        disk = io - io_first if io is not None else None
+        return t_first - t0, time.perf_counter() - t_first, _cpu_s() - c_first, out, disk
 
     if spec["warmup_tokens"]:
         gen(spec["warmup_ids"], spec["warmup_tokens"])
-    ttft, decode_s, cpu_s, out = gen(spec["prompt_ids"], spec["tokens"])
+    ttft, decode_s, cpu_s, out, disk = gen(spec["prompt_ids"], spec["tokens"])
     return {
         "load_s": load_s,
         "ttft_s": ttft,
         "decode_s": decode_s,
         "decode_cpu_s": cpu_s,
+        "decode_disk_read_bytes": disk,
         "tokens": out,
         "stats": None,
     }

@@ -400,6 +400,12 @@ def configure_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-size-gb", type=float, default=2.0, help="Largest expert shard in GB. Default: 2"
     )
+    p.add_argument(
+        "--gguf",
+        metavar="FILE",
+        help="Also write the inflated model as a llama.cpp GGUF (qwen2_moe models): the "
+        "same weights for racing llama.cpp in the I/O-bound regime.",
+    )
     p.add_argument("--force", action="store_true", help="Replace OUT if it exists.")
     return p
 
@@ -433,6 +439,14 @@ def main(argv=None):
         f"{layout.num_experts} experts x {len(layout.moe_layers)} layers, "
         f"{_size(layout.record_nbytes)} per expert record ({layout.record_nbytes} bytes)"
     )
+    if args.gguf:
+        from .large_synthetic import export_gguf
+
+        try:
+            print(f"[INFO] Wrote {export_gguf(args.out, args.gguf)}")
+        except (ValueError, OSError) as e:
+            print(f"error: --gguf: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

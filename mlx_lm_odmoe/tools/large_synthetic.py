@@ -361,9 +361,18 @@ def affine4_to_q4_1(
     return blocks.reshape(*lead, (cols // 32) * 20)
 
 
+def _f16_exact(a) -> bool:
+    import mlx.core as mx
+
+    a = a.astype(mx.float32)
+    return bool(mx.array_equal(a.astype(mx.float16).astype(mx.float32), a).item())
+
+
 def export_gguf(model_dir, path, progress: bool = True) -> Path:
     """The model as a llama.cpp GGUF (``qwen2moe``), quantized weights as
-    Q4_1 with exactly the same values, routers and norms as F32."""
+    Q4_1 with exactly the same values (dequantized to F32 where Q4_1's
+    float16 scales cannot hold them), routers, norms and float experts (an
+    inflated testbed's) as F32."""
     import mlx.core as mx
     from gguf import GGMLQuantizationType as QType
     from tqdm import tqdm
@@ -389,7 +398,10 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
         or q.get("bits") != 4
         or q.get("mode", "affine") != "affine"
     ):
-        raise ValueError("GGUF export needs a 4-bit affine qwen2_moe_odmoe model")
+        raise ValueError(
+            "GGUF export needs a qwen2_moe_odmoe model whose resident weights are 4-bit affine "
+            "(as the shipped tiny-qwen2-moe and its inflated copies)"
+        )
     gs = q["group_size"]
     hf_config = dict(config, model_type=STOCK_TYPE_OF[config["model_type"]])
     arch = _arch_for(hf_config)
@@ -416,7 +428,8 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
             continue
         shape = (value.shape[0], value.shape[1] * 8)
         s, b = weights[f"{base}.scales"], weights[f"{base}.biases"]
-        if name.endswith(f32_names):
+        if name.endswith(f32_names) or not (_f16_exact(s) and _f16_exact(b)):
+            # Routers, and weights Q4_1 could not hold exactly: dequantized.
             make = lambda v=value, s=s, b=b: np.array(mx.dequantize(v, s, b, gs, 4))  # noqa: E731
             tensors.append(PlannedTensor(name, shape, QType.F32, make))
         else:
@@ -448,10 +461,19 @@ def export_gguf(model_dir, path, progress: bool = True) -> Path:
             bar.update(layout.record_nbytes * layout.num_experts)
         return cache[l]
 
+    float_experts = layout.quantization is None  # e.g. widened by mlx_lm_odmoe.inflate
     for l in layout.moe_layers:
         for g, proj in EXPERT_TENSORS.items():
             p = proj.rsplit(".", 1)[0]
             w_shape = next(t.shape for t in layout.tensors if t.name == f"{p}.weight")
+            if float_experts:
+                shape = (layout.num_experts,) + tuple(w_shape)
+
+                def make(l=l, p=p):
+                    return layer_experts(l)[f"{p}.weight"].astype(np.float32)
+
+                tensors.append(PlannedTensor(f"blk.{l}.{g}", shape, QType.F32, make))
+                continue
             shape = (layout.num_experts, w_shape[0], w_shape[1] * 8)
 
             def make(l=l, p=p):
