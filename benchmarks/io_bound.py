@@ -38,6 +38,7 @@ Writes results.md, results.json and io-bound.png to --out.
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -164,16 +165,34 @@ def contenders(args, sizes, budgets):
             }
         )
     if args.gguf:
-        smallest = min(bench.parse_limit(b, experts) for b in budgets)
         out.append(
             {
-                "name": "llama.cpp (mmap)",
+                "name": f"llama.cpp (mmap), cgroup of odmoe {args.gguf_budget}",
                 "kind": "llamacpp",
                 "path": args.gguf,
-                "limit": resident + smallest + margin,
+                "limit": resident + bench.parse_limit(args.gguf_budget, experts) + margin,
             }
         )
     return out
+
+
+def warm_start_pair(args, sizes, counts_file: Path):
+    """The same budget started twice: the first run saves its counts at
+    exit, the second preloads the hottest experts from them."""
+    b = args.warm_start_budget
+    limit = sizes["resident_bytes"] + bench.parse_limit(b, sizes["expert_bytes"])
+    settings = {"warm_start": True, "warm_start_file": str(counts_file)}
+    return [
+        {
+            "name": f"odmoe {b}, {label}",
+            "kind": "odmoe",
+            "path": args.model,
+            "budget": b,
+            "limit": limit + int(args.margin * GB),
+            "settings": settings,
+        }
+        for label in ("first start (no counts yet)", "warm start (counts of the first)")
+    ]
 
 
 def run(spec, common, args):
@@ -221,7 +240,7 @@ def _fmt(x, f="{:.2f}"):
     return "" if x is None else f.format(x)
 
 
-def markdown(meta, bw, rows, long_rows):
+def markdown(meta, bw, rows, long_rows, warm_rows=()):
     lines = [f"# {meta['title']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta["facts"].items()]
     lines += [
@@ -287,6 +306,22 @@ def markdown(meta, bw, rows, long_rows):
                 f"| {r['name']} | {_fmt(r.get('ttft_s'))} | {bench._gb(r.get('prefill_read_bytes'))} "
                 f"| {_fmt(r.get('ttft_bound_s'))} | {_fmt(r.get('ttft_vs_bound'), '{:.2f}x')} |"
             )
+    if warm_rows:
+        lines += [
+            "",
+            "## Warm start: the first 64 tokens after a restart",
+            "",
+            "| contender | TTFT s | decode tok/s | hit rate | preloaded at load | tokens match |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in warm_rows:
+            s = r.get("prefill_stats") or {}
+            d = r.get("stats") or {}
+            lines.append(
+                f"| {r['name']} | {_fmt(r.get('ttft_s'))} | {_fmt(r.get('decode_tok_s'))} "
+                f"| {_fmt(d.get('hit_rate'), '{:.1%}')} | {bench._gb(s.get('preloaded_bytes'))} "
+                f"| {'yes' if r.get('tokens') == warm_rows[0].get('tokens') else '**no**'} |"
+            )
     lines += ["", meta["notes"], ""]
     return "\n".join(lines)
 
@@ -347,6 +382,12 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=64, help="Default: 64")
     p.add_argument("--long-prompt", type=int, default=2048, help="0 skips. Default: 2048")
     p.add_argument("--long-budget", default="25%", help="Default: 25%%")
+    p.add_argument(
+        "--gguf-budget", default="25%", help="llama.cpp's cgroup: odmoe's at this budget"
+    )
+    p.add_argument(
+        "--warm-start-budget", default="25%", help="'' skips the warm-start pair. Default: 25%%"
+    )
     p.add_argument("--margin", type=float, default=0.8, help="cgroup GB beyond. Default: 0.8")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--title")
@@ -355,6 +396,7 @@ def main(argv=None):
     reason = unavailable_reason()
     if reason:
         sys.exit(f"io_bound: {reason}")
+    os.environ.setdefault("MLX_LM_ODMOE_WARM_START", "0")  # contenders start cold
     model = bench.model_folder(args.model)
     args.model = str(model)
     args.compare_prefetch = [b.strip() for b in args.compare_prefetch.split(",") if b.strip()]
@@ -384,6 +426,15 @@ def main(argv=None):
     }
     rows = [run(spec, common, args) for spec in contenders(args, sizes, budgets)]
     derive(rows, best, record)
+
+    warm_rows = []
+    if args.warm_start_budget:
+        print("warm start ...", flush=True)
+        counts = out / "warm-start-counts.json"
+        counts.unlink(missing_ok=True)
+        warm = dict(common, tokens=64, trace=False)
+        warm_rows = [run(spec, warm, args) for spec in warm_start_pair(args, sizes, counts)]
+        counts.unlink(missing_ok=True)
 
     long_rows = []
     if args.long_prompt:
@@ -427,13 +478,16 @@ def main(argv=None):
             "included. One run per contender: the machine's noise is not averaged out."
         ),
     }
-    for r in rows + long_rows:
+    for r in rows + long_rows + warm_rows:
         r.pop("routes", None)
     (out / "results.json").write_text(
-        json.dumps({"meta": meta, "disk_gb_s": bw, "rows": rows, "long": long_rows}, indent=1)
+        json.dumps(
+            {"meta": meta, "disk_gb_s": bw, "rows": rows, "long": long_rows, "warm": warm_rows},
+            indent=1,
+        )
     )
     png = plot(rows, bw, out / "io-bound.png", meta["title"])
-    md = markdown(meta, bw, rows, long_rows)
+    md = markdown(meta, bw, rows, long_rows, warm_rows)
     if png:
         md += f"\n![decode tok/s per budget]({png.name})\n"
     (out / "results.md").write_text(md)

@@ -173,6 +173,7 @@ def _odmoe_stats(model) -> Optional[dict]:
         "num_experts",
         "expert_nbytes",
         "read_wait_s",
+        "preloaded_bytes",
         "prefetch",
         "prefetched_bytes",
         "prefetch_hits",
@@ -348,6 +349,9 @@ def run_contender(spec: dict, args, cgroup_limit: Optional[int]) -> dict:
         drop_all_page_caches()
     cmd = [sys.executable, "-m", "mlx_lm_odmoe.tools.bench", "--worker", json.dumps(spec)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    # Every contender starts cold: no warm start from an earlier contender's
+    # counts (a spec's own settings may still ask for it).
+    env.setdefault("MLX_LM_ODMOE_WARM_START", "0")
     row = {"name": spec["name"], "kind": spec["kind"]}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         cg = MemoryCgroup(cgroup_limit) if cgroup_limit else None
