@@ -54,7 +54,11 @@ def odmoe_model_config(
         given["expert_cache"] = expert_cache
     model_type = config.get("model_type")
     if odmoe_type_of_config(config):
+        from .conversion.config_keys import missing_keys
+
         mc["model_type"] = odmoe_type_of_config(config)
+        # A checkpoint run in place: the keys transformers 5 renamed too.
+        mc = {**missing_keys(config, mc["model_type"], str(model_path / "config.json")), **mc}
         given["source"] = "mlx"
         q = config.get("quantization")
         if q:

@@ -30,6 +30,7 @@ from mlx_lm_odmoe.layout import EXPERTS_DIR, FORMAT_VERSION, load_layout
 from mlx_lm_odmoe.model_types import DEDICATED, odmoe_type_of_config, supported_sources
 
 from .atomic import atomic_dir
+from .config_keys import missing_keys
 from .shard_writer import ExpertShardWriter
 from .sources import is_converted, open_source, text_config
 
@@ -46,13 +47,16 @@ _TOKENIZER_GLOBS = (
 )
 
 
-def odmoe_config(source_config: dict) -> dict:
+def odmoe_config(source_config: dict, where: Optional[str] = None) -> dict:
+    """The config.json of the converted folder: ``source_config`` (read from
+    ``where``) under its odmoe type, with every key mlx-lm reads."""
     base = source_config.get("model_type")
     odmoe = odmoe_type_of_config(source_config)
     if odmoe is None:
         raise ValueError(
             f"model_type {base!r} is not supported; expected one of {supported_sources()}"
         )
+    source_config = {**source_config, **missing_keys(source_config, odmoe, where)}
     # The types of their own take K2.5-style nested configs flat; the rule's
     # keep what mlx-lm's ModelArgs read (llama4's text_config, ...).
     dedicated = odmoe in DEDICATED.values()
@@ -120,15 +124,23 @@ def convert(
     # Chosen before opening: a GGUF source dequantizes straight into it.
     dtype = dtype or default_dtype()
     src = open_source(hf_path, dtype)
-    config = odmoe_config(src.config)
+    where = Path(hf_path) / "config.json" if Path(hf_path).is_dir() else Path(hf_path)
+    config = odmoe_config(src.config, where=str(where))
     if src.quantization and quantize:
         raise ValueError(f"{hf_path} is already quantized; convert it without -q")
     if dtype is None:
-        dtype = src.config.get("torch_dtype") or config.get("torch_dtype")
+        # transformers 5 writes "dtype", 4 "torch_dtype"
+        dtype = next(
+            (c.get(k) for c in (src.config, config) for k in ("torch_dtype", "dtype") if c.get(k)),
+            None,
+        )
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype is not None:
-        config["torch_dtype"] = dtype  # what the folder holds (a GGUF's was a guess)
+        # What the folder holds (a GGUF's was a guess); "dtype" is transformers 5's name.
+        config["torch_dtype"] = dtype
+        if "dtype" in config:
+            config["dtype"] = dtype
     problem = half_precision_problem(dtype, bool(quantize or src.quantization))
     if problem:
         print(
