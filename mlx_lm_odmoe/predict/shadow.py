@@ -16,7 +16,14 @@ weights are the model's, and it carries most of the signal at distance 1.
 made of x, a step the linear router prior cannot express. The heads
 start at zero and ``a`` at one, so the untrained model ranks exactly like
 the lookahead and training only has to learn how the residual stream drifts
-between L and t.
+between L and t. Training penalizes the correction's size (``correction_l2``
+in train_shadow), so where the inputs carry nothing it has learned the
+scores stay those of the lookahead; text unlike the training text is then
+met with the lookahead's ranking rather than a confident wrong one.
+
+Online (``"online"`` in shadow.json, see online.py), each (L, j) also keeps
+a bias and a gate on the correction, updated from the true routes of layer
+t as they arrive, and reset per request.
 
 Size, at Kimi K2 scale (D = 7168, E = 384, 60 MoE layers, d = 4, r = 64):
 59 source layers x (D r + E r + r) = 28.5 M for the projections, plus 230
@@ -36,6 +43,7 @@ import numpy as np
 
 from .base import ExpertPredictor, later_layers, select_guesses
 from .baselines import PreviousTokenState, multi_hot
+from .online import OnlineCorrection
 from .routers import router_prior
 
 WEIGHTS_NAME = "shadow.safetensors"
@@ -76,10 +84,15 @@ class ShadowLayer(nn.Module):
         """x [N, D]; cur [N, E]; prior, prev [N, m, E] -> logits [N, m, E]
         for the first m <= n later layers (online prefetch needs only the
         nearest, so the head is cut to what is asked)."""
-        m, E = prior.shape[1], self.num_experts
-        h = nn.silu(self.proj(x) + self.experts(cur))
-        out = mx.addmm(self.head.bias[: m * E], h, self.head.weight[: m * E].T).reshape(-1, m, E)
+        out = self.correction(x, cur, prior.shape[1])
+        m = prior.shape[1]
         return out + self.prior_scale[:m, None] * prior + self.prev_scale[:m, None] * prev
+
+    def correction(self, x, cur, m: int):
+        """The learned head's part of the logits, [N, m, E]."""
+        E = self.num_experts
+        h = nn.silu(self.proj(x) + self.experts(cur))
+        return mx.addmm(self.head.bias[: m * E], h, self.head.weight[: m * E].T).reshape(-1, m, E)
 
 
 class ShadowNet(nn.Module):
@@ -112,8 +125,14 @@ class ShadowModel(ExpertPredictor):
     fuse_limit_bytes = 64 << 20
     host_limit_macs = 1 << 20  # per target: smaller steps run in numpy
 
-    def __init__(self, model, net: ShadowNet):
+    def __init__(self, model, net: ShadowNet, online=None):
+        """``online``: settings of the online correction (online.py); None
+        takes shadow.json's ``"online"`` (absent: none), False turns it off."""
         self.model, self.net = model, net
+        settings = net.config.get("online") if online is None else online
+        self.online = dict(settings) if settings else None
+        E = net.config["num_experts"]
+        self._adapt = {xp: OnlineCorrection(E, xp, **self.online) for xp in (mx, np) if self.online}
         self.moe_layers: List[int] = list(net.config["moe_layers"])
         self.distance = net.config["distance"]
         self.state = PreviousTokenState(net.config["num_experts"])
@@ -140,6 +159,9 @@ class ShadowModel(ExpertPredictor):
     def _run(self, layer, hidden, topk, distance, select):
         targets = later_layers(self.moe_layers, layer, distance)
         topk = topk.reshape(hidden.shape[0], -1)
+        adapt = self._adapt.get(mx)
+        if adapt:
+            adapt.learn(layer, topk)
         out = {}
         if targets:
             n, k = topk.shape
@@ -148,7 +170,12 @@ class ShadowModel(ExpertPredictor):
                 prev[0][:, None] if len(prev) == 1 else mx.stack(prev, axis=1)
             )  # a view, not a copy
             x = hidden if hidden.dtype == mx.float32 else hidden.astype(mx.float32)
-            res = self._step(layer, tuple(targets), select)(x, topk, prev)
+            step = self._step(layer, tuple(targets), select)
+            if adapt:
+                res, scores, corr = step(x, topk, prev, *adapt.terms(layer, targets))
+                adapt.remember(layer, targets, scores, corr)
+            else:
+                res = step(x, topk, prev)
             out = {t: res[:, j] for j, t in enumerate(targets)}
         self.state.update(layer, topk)
         return out
@@ -161,18 +188,33 @@ class ShadowModel(ExpertPredictor):
 
     def _build_step(self, layer, targets, select=None):
         """fn(x [N, D], own ids [N, k], previous ids [N, n, k]) -> logits
-        [N, n, E], or with ``select`` (a min probability) guesses [N, n, k]."""
+        [N, n, E], or with ``select`` (a min probability) guesses [N, n, k].
+        With online correction, fn(x, own, previous, gate [n, 1], bias
+        [n, E]) -> (that, logits, correction [N, n, E])."""
         net_layer, E = self.net.layer_for(layer), self.net.config["num_experts"]
+        m = len(targets)
 
         def finish(logits, k):
             return logits if select is None else select_guesses(logits, k, select)
 
+        def combine(corr, prior, prev, k, gate=None, bias=None):
+            # In the host step's order of additions: both guess alike.
+            if gate is None:
+                return finish(corr + prior + prev, k)
+            out = gate * corr + prior + bias + prev
+            return finish(out, k), out, corr
+
         if not self._fuse:
 
-            def step(x, cur, prev):
+            def step(x, cur, prev, *online):
                 prior = mx.stack([router_prior(self.model, t, x) for t in targets], axis=1)
-                return finish(
-                    net_layer(x, multi_hot(cur, E), prior, multi_hot(prev, E)), cur.shape[-1]
+                corr = net_layer.correction(x, multi_hot(cur, E), m)
+                return combine(
+                    corr,
+                    net_layer.prior_scale[:m, None] * prior,
+                    net_layer.prev_scale[:m, None] * multi_hot(prev, E),
+                    cur.shape[-1],
+                    *online,
                 )
 
             return step
@@ -183,7 +225,7 @@ class ShadowModel(ExpertPredictor):
         bias, sigmoid, m, r = f["bias"], f["sigmoid"], f["m"], f["r"]
 
         @mx.compile
-        def fast(x, cur, prev):
+        def fast(x, cur, prev, *online):
             z = x @ wx
             h = nn.silu(z[:, :r] + proj_b + emb[cur].sum(axis=-2))
             z = z[:, r:].reshape(x.shape[0], m, E)
@@ -195,16 +237,14 @@ class ShadowModel(ExpertPredictor):
                 # The log-softmax's normalizer is a per-row constant: neither
                 # the top-k nor the softmax of the guesses can see it.
                 prior = z
-            out = (
-                mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E)
-                + a * prior
-                + p * multi_hot(prev, E)
-            )
-            return finish(out, cur.shape[-1])
+            corr = mx.addmm(head_b, h, head_w).reshape(x.shape[0], m, E)
+            return combine(corr, a * prior, p * multi_hot(prev, E), cur.shape[-1], *online)
 
         return fast
 
     def observe(self, layer, topk):
+        if mx in self._adapt:
+            self._adapt[mx].learn(layer, topk.reshape(-1, topk.shape[-1]))
         self.state.update(layer, topk)
 
     def _folded(self, layer, targets) -> dict:
@@ -244,23 +284,28 @@ class ShadowModel(ExpertPredictor):
             plan = self._host_plans[(layer, distance)] = (targets, step)
         targets, step = plan
         topk = topk.reshape(hidden.shape[0], -1)
+        adapt = self._adapt.get(np)
+        if adapt:
+            adapt.learn(layer, topk)
         out = {}
         if targets:
             n, k = topk.shape
             prev = [self._host_prev(t, n, k) for t in targets]
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
-            ids = step(
-                hidden if hidden.dtype == np.float32 else hidden.astype(np.float32),
-                topk,
-                prev,
-                min_prob,
-            )
+            x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
+            online = adapt.terms(layer, targets) if adapt else None
+            ids, scores, corr = step(x, topk, prev, min_prob, online)
+            if adapt:
+                adapt.remember(layer, targets, scores, corr)
             out = {t: ids[:, j] for j, t in enumerate(targets)}
         self._host_last[layer] = topk
         return out
 
     def host_observe(self, layer, topk: np.ndarray):
-        self._host_last[layer] = topk.reshape(-1, topk.shape[-1])
+        topk = topk.reshape(-1, topk.shape[-1])
+        if np in self._adapt:
+            self._adapt[np].learn(layer, topk)
+        self._host_last[layer] = topk
 
     def _host_prev(self, layer, n, k):
         last = self._host_last.get(layer)
@@ -271,6 +316,8 @@ class ShadowModel(ExpertPredictor):
     def reset(self):
         self.state.reset()
         self._host_last = {}
+        for adapt in self._adapt.values():
+            adapt.reset()
 
     def nbytes(self) -> int:
         from mlx.utils import tree_flatten
@@ -279,15 +326,16 @@ class ShadowModel(ExpertPredictor):
 
 
 class _HostStep:
-    """The online step of one source layer, in numpy, ending in each row's
-    top-k guesses (ids below ``min_prob`` become -1)."""
+    """The online step of one source layer, in numpy: each row's top-k
+    guesses (ids below ``min_prob`` become -1), the logits and the learned
+    correction in them; ``online`` is the (gate, bias) of online.py."""
 
     def __init__(self, folded: dict):
         self.__dict__.update(
             {k: np.array(v) if isinstance(v, mx.array) else v for k, v in folded.items()}
         )
 
-    def __call__(self, x, cur, prev, min_prob):
+    def __call__(self, x, cur, prev, min_prob, online=None):
         n, m, E, r = x.shape[0], self.m, self.E, self.r
         k = cur.shape[-1]
         rows, js = self._grid(n, m, k)
@@ -298,7 +346,12 @@ class _HostStep:
         # A softmax router's log-softmax prior is z minus a per-row constant,
         # which neither the top-k nor the probabilities can see.
         prior = 1.0 / (1.0 + np.exp(-z)) + self.bias if self.sigmoid else z
-        out = (h @ self.head_w + self.head_b).reshape(n, m, E) + self.a * prior
+        corr = (h @ self.head_w + self.head_b).reshape(n, m, E)
+        if online is None:
+            out = corr + self.a * prior
+        else:
+            gate, bias = online
+            out = gate * corr + self.a * prior + bias
         if (prev >= 0).all():  # router picks are distinct: no repeated index
             out[rows, js, prev] += self.p
         else:
@@ -309,7 +362,7 @@ class _HostStep:
             e = np.exp(out - out.max(axis=-1, keepdims=True))
             keep = e[rows, js, ids] >= min_prob * e.sum(axis=-1, keepdims=True)
             ids = np.where(keep, ids, -1)
-        return ids
+        return ids, out, corr
 
     def _grid(self, n, m, k):
         """Index grids that address [n, m, k] picks of an [n, m, E] array."""

@@ -88,6 +88,27 @@ class Trace:
         return list(zip(bounds[:-1], bounds[1:]))
 
 
+def concat(traces: List[Trace]) -> Trace:
+    """One trace of several (say, one per text kind), sequences renumbered.
+    Its :func:`eval_mask` is the union of each trace's own when every trace
+    has a multiple of ``every`` sequences of each kind (collect's defaults)."""
+    first = traces[0]
+    for t in traces[1:]:
+        if t.moe_layers != first.moe_layers or t.num_experts != first.num_experts:
+            raise ValueError("traces of different models cannot be mixed")
+    offsets = np.cumsum([0] + [int(t.seq.max()) + 1 if len(t.seq) else 0 for t in traces])
+    return Trace(
+        hidden=np.concatenate([t.hidden for t in traces], 1),
+        topk=np.concatenate([t.topk for t in traces], 1),
+        tokens=np.concatenate([t.tokens for t in traces]),
+        seq=np.concatenate([t.seq + o for t, o in zip(traces, offsets)]).astype(np.int32),
+        generated=np.concatenate([t.generated for t in traces]),
+        moe_layers=list(first.moe_layers),
+        num_experts=first.num_experts,
+        source=first.source,
+    )
+
+
 def eval_mask(trace: Trace, every: int = 4) -> np.ndarray:
     """Tokens of the held-out-for-evaluation sequences: every ``every``-th
     sequence of each kind (teacher-forced, generated), so training and

@@ -1,13 +1,17 @@
 """``mlx_lm_odmoe.train_shadow``: fit the shadow model on routing traces.
 
-    mlx_lm_odmoe.train_shadow MODEL --traces traces.npz [--distance 4]
+    mlx_lm_odmoe.train_shadow MODEL --traces code.npz man.npz legal.npz [--distance 4]
 
-Trains on the training sequences of the trace (teacher-forced and
+Trains on the training sequences of the traces (teacher-forced and
 generated; the evaluation sequences of ``traces.eval_mask`` are never
 seen), keeps the epoch with the best loss on a validation slice of the
 training sequences, and writes ``shadow.safetensors`` + ``shadow.json``
 next to the model, where ``mlx_lm_odmoe.predict.load_predictor`` finds them
-(or into ``--out``). A shadow model already there is replaced only with
+(or into ``--out``). Several trace files (say, one per kind of text) are
+trained on together: a shadow model trained on one kind of text does worse
+than the free lookahead on another (issue 16), and the penalty on the size
+of the learned correction (``--correction-l2``) keeps it close to the
+lookahead wherever the training text does not support a correction. A shadow model already there is replaced only with
 ``--force``, and kept as ``shadow.json.bak`` / ``shadow.safetensors.bak``.
 """
 
@@ -25,9 +29,12 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..predict.base import later_layers
 from ..predict.baselines import multi_hot
+from ..predict.online import DEFAULTS as ONLINE
 from ..predict.routers import router_prior
 from ..predict.shadow import CONFIG_NAME, WEIGHTS_NAME, ShadowNet, parameter_count, save_shadow
-from .traces import Trace, eval_mask, previous_topk
+from .traces import Trace, concat, eval_mask, previous_topk
+
+DEFAULT_L2 = 0.01
 
 
 def layer_features(model, trace: Trace, distance: int, chunk: int = 4096):
@@ -58,20 +65,28 @@ def layer_features(model, trace: Trace, distance: int, chunk: int = 4096):
     return feats
 
 
-def layer_loss(layer, x, cur_ids, prior, prev_ids, tgt_ids, weight, num_experts):
-    """Listwise cross-entropy against the true top-k (uniform over it)."""
+def layer_loss(layer, x, cur_ids, prior, prev_ids, tgt_ids, weight, num_experts, l2=0.0):
+    """Listwise cross-entropy against the true top-k (uniform over it), plus
+    ``l2`` times the mean square of the learned correction (centered per
+    row: a constant shift changes no ranking)."""
     prev = multi_hot(prev_ids, num_experts)
     target = multi_hot(tgt_ids, num_experts)
-    logits = layer(x, multi_hot(cur_ids, num_experts), prior, prev)
+    m = prior.shape[1]
+    corr = layer.correction(x, multi_hot(cur_ids, num_experts), m)
+    logits = corr + layer.prior_scale[:m, None] * prior + layer.prev_scale[:m, None] * prev
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    ce = -(target * logp).sum(-1).mean(-1) / tgt_ids.shape[-1]
-    return (weight * ce).sum() / weight.sum()
+    loss = -(target * logp).sum(-1).mean(-1) / tgt_ids.shape[-1]
+    if l2:
+        centered = corr - corr.mean(axis=-1, keepdims=True)
+        loss = loss + l2 * mx.square(centered).mean(axis=(-2, -1))
+    return (weight * loss).sum() / weight.sum()
 
 
-def total_loss(net, feats, weight, idx, num_experts):
+def total_loss(net, feats, weight, idx, num_experts, l2=0.0):
     w = weight[idx]
     losses = [
-        layer_loss(net.layer_for(l), *(a[idx] for a in f), w, num_experts) for l, f in feats.items()
+        layer_loss(net.layer_for(l), *(a[idx] for a in f), w, num_experts, l2)
+        for l, f in feats.items()
     ]
     return sum(losses) / len(losses)
 
@@ -87,13 +102,18 @@ def train(
     weight_decay: float = 0.01,
     seed: int = 0,
     generated_weight: float = 1.0,
+    correction_l2: float = 0.0,
+    online=None,
     log=print,
 ):
     """Train a :class:`ShadowNet`; returns (net, info dict).
 
     ``generated_weight`` weighs the loss on generated tokens against
     held-out text: decoding is what prefetch serves, and a model routes its
-    own text differently from held-out text."""
+    own text differently from held-out text. ``correction_l2`` penalizes
+    the correction's size (the validation loss that picks the epoch is the
+    plain cross-entropy). ``online``: settings of the online correction
+    (predict/online.py) saved in the config, None for none."""
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     config = {
@@ -104,6 +124,8 @@ def train(
         "distance": distance,
         "rank": rank,
     }
+    if online is not None:
+        config["online"] = dict(online)
     net = ShadowNet(config)
     train_mask = ~eval_mask(trace)
     feats = layer_features(model, trace, distance)
@@ -119,7 +141,7 @@ def train(
         learning_rate=optim.cosine_decay(lr, steps, lr * 0.05), weight_decay=weight_decay
     )
     loss_and_grad = nn.value_and_grad(
-        net, lambda n, idx: total_loss(n, feats, weight, idx, trace.num_experts)
+        net, lambda n, idx: total_loss(n, feats, weight, idx, trace.num_experts, correction_l2)
     )
 
     def step(idx):
@@ -151,6 +173,7 @@ def train(
         "seed": seed,
         "epochs": epochs,
         "generated_weight": generated_weight,
+        "correction_l2": correction_l2,
     }
     return net, info
 
@@ -161,7 +184,12 @@ def build_parser():
         description="Train the shadow expert predictor on traces from mlx_lm_odmoe.collect and save it next to the model.",
     )
     p.add_argument("model", help="model folder the traces came from")
-    p.add_argument("--traces", required=True, help="trace file (.npz) from mlx_lm_odmoe.collect")
+    p.add_argument(
+        "--traces",
+        required=True,
+        nargs="+",
+        help="trace files (.npz) from mlx_lm_odmoe.collect, trained on together",
+    )
     p.add_argument(
         "--distance", type=int, default=4, help="how many later MoE layers to predict (default 4)"
     )
@@ -179,6 +207,18 @@ def build_parser():
         type=float,
         default=1.0,
         help="loss weight of generated tokens relative to held-out text (default 1)",
+    )
+    p.add_argument(
+        "--correction-l2",
+        type=float,
+        default=DEFAULT_L2,
+        help=f"penalty on the learned correction's mean square (default {DEFAULT_L2})",
+    )
+    p.add_argument(
+        "--online",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="adapt online from the routes seen while serving (default on; see predict/online.py)",
     )
     p.add_argument(
         "--out",
@@ -199,8 +239,9 @@ def main(argv=None):
     from ..errors import OdmoeError
     from ..loading import resolve_model_path
 
-    if not Path(args.traces).is_file():
-        parser.error(f"--traces {args.traces}: no such file (write one with mlx_lm_odmoe.collect)")
+    for path in args.traces:
+        if not Path(path).is_file():
+            parser.error(f"--traces {path}: no such file (write one with mlx_lm_odmoe.collect)")
     try:
         model_path = resolve_model_path(args.model)
         out = Path(args.out).expanduser() if args.out else model_path
@@ -230,7 +271,7 @@ def run(args, model_path: Path, out: Path, replaced):
 
     # Only the routers are used: a minimal expert cache reads no experts.
     model, _ = mlx_lm_odmoe.load(model_path, expert_cache="min")
-    trace = Trace.load(args.traces)
+    trace = concat([Trace.load(path) for path in args.traces])
     t0 = time.perf_counter()
     net, info = train(
         model,
@@ -242,6 +283,8 @@ def run(args, model_path: Path, out: Path, replaced):
         args.lr,
         seed=args.seed,
         generated_weight=args.generated_weight,
+        correction_l2=args.correction_l2,
+        online=ONLINE if args.online else None,
     )
     for old in replaced:  # only now that a new one is ready
         old.replace(old.with_name(old.name + ".bak"))

@@ -1,0 +1,191 @@
+"""The shadow model off its training text: online correction, the penalty
+on the learned correction, mixed traces and the cross-domain report.
+
+Tiny random models route at random, so accuracy is checked only on made-up
+scores; on the models, these tests check agreement, resets and shapes.
+"""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_lm_odmoe
+from mlx_lm_odmoe.predict import load_predictor
+from mlx_lm_odmoe.predict.online import DEFAULTS, OnlineCorrection
+from mlx_lm_odmoe.predict.shadow import ShadowModel, save_shadow
+from mlx_lm_odmoe.research.traces import Trace, collect, concat, eval_mask
+from mlx_lm_odmoe.research.train_shadow import train
+
+E, K = 8, 2
+
+
+@pytest.fixture(scope="module")
+def traced(models):
+    folder = models("kimi_k2", "odmoe")
+    model, _ = mlx_lm_odmoe.load(folder, expert_cache="100%")
+    heldout = np.random.default_rng(1).integers(0, 300, 2000)
+    trace = collect(
+        model,
+        heldout,
+        chunks=8,
+        chunk_len=16,
+        generate=8,
+        prompt_len=8,
+        max_tokens=8,
+        batch=4,
+        progress=False,
+    )
+    return model, trace
+
+
+def steps(adapt, scores, correction, truth, n=50):
+    """``n`` tokens of one source layer (0) predicting layer 1."""
+    for _ in range(n):
+        adapt.remember(0, [1], scores[:, None], correction[:, None])
+        adapt.learn(1, truth)
+
+
+@pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
+def test_online_bias_learns_the_experts_the_text_keeps_using(xp):
+    adapt = OnlineCorrection(E, xp)
+    flat = xp.zeros((1, E), dtype=xp.float32)
+    steps(adapt, flat, flat, xp.array([[3, 5]]))
+    gate, bias = adapt.terms(0, [1])
+    assert set(np.argsort(-np.array(bias[0]))[:K].tolist()) == {3, 5}
+    assert np.array(gate).shape == (1, 1)
+
+
+@pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
+def test_online_gate_turns_off_a_correction_that_points_elsewhere(xp):
+    adapt = OnlineCorrection(E, xp)
+    wrong = np.zeros((1, E), np.float32)
+    wrong[0, [0, 1]] = 4.0  # the trained head insists on experts 0 and 1
+    wrong = xp.array(wrong)
+    steps(adapt, wrong, wrong, xp.array([[6, 7]]), n=30)
+    gate, _ = adapt.terms(0, [1])
+    assert float(np.array(gate)[0, 0]) < 0.7
+
+
+def test_numpy_and_mlx_corrections_learn_alike():
+    rng = np.random.default_rng(0)
+    a, b = OnlineCorrection(E, np), OnlineCorrection(E, mx)
+    for _ in range(20):
+        s, c = rng.normal(size=(2, 1, E)).astype(np.float32)
+        truth = rng.choice(E, (1, K), replace=False)
+        steps(a, s, c, truth, n=1)
+        steps(b, mx.array(s), mx.array(c), mx.array(truth), n=1)
+    for x, y in zip(a.terms(0, [1]), b.terms(0, [1])):
+        assert np.allclose(x, np.array(y), atol=1e-5)
+
+
+def test_a_new_request_starts_from_the_trained_model():
+    adapt = OnlineCorrection(E, np)
+    steps(adapt, np.zeros((1, E), np.float32), np.ones((1, E), np.float32), np.array([[1, 2]]))
+    adapt.reset()
+    gate, bias = adapt.terms(0, [1, 2])
+    assert (gate == 1).all() and (bias == 0).all()
+
+
+def test_predictions_for_another_pass_teach_nothing():
+    """A prompt's rows do not line up with the decode rows that follow it."""
+    adapt = OnlineCorrection(E, np)
+    adapt.remember(0, [1], np.zeros((3, 1, E), np.float32), np.zeros((3, 1, E), np.float32))
+    adapt.learn(1, np.array([[1, 2]]))
+    gate, bias = adapt.terms(0, [1])
+    assert (gate == 1).all() and (bias == 0).all()
+
+
+def test_adapting_host_and_device_steps_guess_alike(traced, tmp_path):
+    """The block runs the numpy step for small models and the MLX step for
+    large ones; with online correction both learn the same and guess alike."""
+    model, trace = traced
+    net, _ = train(
+        model, trace, distance=2, rank=8, epochs=1, batch=32, online=DEFAULTS, log=lambda *a: None
+    )
+    save_shadow(net, tmp_path)
+    dev, host = load_predictor(model, tmp_path), load_predictor(model, tmp_path)
+    assert dev.online == DEFAULTS and host.on_host
+    layers = trace.moe_layers
+    for row in range(6):
+        for i, l in enumerate(layers):
+            x, ids = trace.hidden[i, row : row + 1], trace.topk[i, row : row + 1]
+            d = dev.guesses(l, mx.array(x), mx.array(ids), 1, 0.05)
+            h = host.host_guesses(l, x, ids, 1, 0.05)
+            for t in d:
+                assert (np.sort(np.array(d[t]), -1) == np.sort(h[t], -1)).all(), (row, l)
+    bias = host._adapt[np].terms(layers[0], [layers[1]])[1]
+    assert np.abs(bias).sum() > 0  # it did learn
+
+
+def test_a_frozen_shadow_ignores_what_it_sees_an_adapting_one_does_not(traced):
+    model, trace = traced
+    net, _ = train(
+        model, trace, distance=2, rank=8, epochs=1, batch=32, online=DEFAULTS, log=lambda *a: None
+    )
+    layers = trace.moe_layers
+    x, ids = mx.array(trace.hidden[0, :1]), mx.array(trace.topk[0, :1])
+    for online, same in ((False, True), (None, False)):
+        p, seen = ShadowModel(model, net, online=online), []
+        for _ in range(3):  # the same token again: the last two see the same previous token
+            seen.append(p.predict(layers[0], x, ids)[layers[1]])
+            for i, l in enumerate(layers[1:], 1):
+                p.predict(l, mx.array(trace.hidden[i, :1]), mx.array(trace.topk[i, :1]))
+        assert mx.array_equal(*seen[1:]).item() == same
+
+
+def test_the_correction_penalty_keeps_the_shadow_near_the_lookahead(traced):
+    model, trace = traced
+    sizes = []
+    for l2 in (0.0, 10.0):
+        net, info = train(
+            model, trace, distance=1, rank=8, epochs=3, batch=16, lr=1e-2, correction_l2=l2,
+            log=lambda *a: None,
+        )  # fmt: skip
+        assert info["correction_l2"] == l2
+        layer = net.layers[0]
+        cur = mx.zeros((4, trace.num_experts))
+        corr = layer.correction(mx.array(trace.hidden[0, :4]).astype(mx.float32), cur, 1)
+        sizes.append(float(mx.abs(corr - corr.mean(-1, keepdims=True)).mean()))
+    assert sizes[1] < sizes[0]
+
+
+def test_mixed_traces_keep_every_sequence_and_split(traced):
+    _, trace = traced
+    mixed = concat([trace, trace])
+    assert mixed.hidden.shape[1] == 2 * trace.hidden.shape[1]
+    assert len(mixed.sequences()) == 2 * len(trace.sequences())
+    assert (eval_mask(mixed) == np.concatenate([eval_mask(trace)] * 2)).all()
+    assert isinstance(mixed, Trace)
+
+
+def test_cross_domain_report_scores_each_kind_out_of_domain(traced):
+    from mlx_lm_odmoe.research.cross_domain import markdown, run
+
+    model, trace = traced
+    kinds = {"a": trace, "b": trace}
+    report = run(
+        model, kinds, distance=2, splits=["generated"], log=lambda *a: None,
+        rank=8, epochs=1, batch=32, online=DEFAULTS,
+    )  # fmt: skip
+    assert set(report) == {"a", "b"} and report["a"]["trained_on"] == ["b"]
+    res = report["a"]["out_of_domain"]["generated"]["predictors"]
+    assert {
+        "router-lookahead",
+        "previous-token",
+        "most-frequent",
+        "shadow",
+        "shadow-frozen",
+    } <= set(res)
+    table = markdown(report, trace.top_k)
+    assert "out of domain" in table and "in domain" in table and "| d=2 |" in table
+
+
+def test_man_pages_lose_their_markup():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from text_kinds import strip_troff
+
+    page = '.\\" comment\n.TH LS "1"\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\n'
+    assert strip_troff(page) == "NAME\nls - list directory contents\n"
