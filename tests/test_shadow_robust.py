@@ -38,6 +38,7 @@ def traced(models):
         batch=4,
         progress=False,
     )
+    trace.source = str(folder)
     return model, trace
 
 
@@ -50,7 +51,7 @@ def steps(adapt, scores, correction, truth, n=50):
 
 @pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
 def test_online_bias_learns_the_experts_the_text_keeps_using(xp):
-    adapt = OnlineCorrection(E, xp)
+    adapt = OnlineCorrection(E, 2, xp)
     flat = xp.zeros((1, E), dtype=xp.float32)
     steps(adapt, flat, flat, xp.array([[3, 5]]))
     gate, bias = adapt.terms(0, [1])
@@ -60,7 +61,7 @@ def test_online_bias_learns_the_experts_the_text_keeps_using(xp):
 
 @pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
 def test_online_gate_turns_off_a_correction_that_points_elsewhere(xp):
-    adapt = OnlineCorrection(E, xp)
+    adapt = OnlineCorrection(E, 2, xp)
     wrong = np.zeros((1, E), np.float32)
     wrong[0, [0, 1]] = 4.0  # the trained head insists on experts 0 and 1
     wrong = xp.array(wrong)
@@ -71,7 +72,7 @@ def test_online_gate_turns_off_a_correction_that_points_elsewhere(xp):
 
 def test_numpy_and_mlx_corrections_learn_alike():
     rng = np.random.default_rng(0)
-    a, b = OnlineCorrection(E, np), OnlineCorrection(E, mx)
+    a, b = OnlineCorrection(E, 2, np), OnlineCorrection(E, 2, mx)
     for _ in range(20):
         s, c = rng.normal(size=(2, 1, E)).astype(np.float32)
         truth = rng.choice(E, (1, K), replace=False)
@@ -82,7 +83,7 @@ def test_numpy_and_mlx_corrections_learn_alike():
 
 
 def test_a_new_request_starts_from_the_trained_model():
-    adapt = OnlineCorrection(E, np)
+    adapt = OnlineCorrection(E, 2, np)
     steps(adapt, np.zeros((1, E), np.float32), np.ones((1, E), np.float32), np.array([[1, 2]]))
     adapt.reset()
     gate, bias = adapt.terms(0, [1, 2])
@@ -91,7 +92,7 @@ def test_a_new_request_starts_from_the_trained_model():
 
 def test_predictions_for_another_pass_teach_nothing():
     """A prompt's rows do not line up with the decode rows that follow it."""
-    adapt = OnlineCorrection(E, np)
+    adapt = OnlineCorrection(E, 2, np)
     adapt.remember(0, [1], np.zeros((3, 1, E), np.float32), np.zeros((3, 1, E), np.float32))
     adapt.learn(1, np.array([[1, 2]]))
     gate, bias = adapt.terms(0, [1])
@@ -181,6 +182,37 @@ def test_cross_domain_report_scores_each_kind_out_of_domain(traced):
     } <= set(res)
     table = markdown(report, trace.top_k)
     assert "out of domain" in table and "in domain" in table and "| d=2 |" in table
+
+
+def test_eval_predictors_scores_other_text_beside(traced, tmp_path, capsys):
+    from mlx_lm_odmoe.research.eval_predictors import main
+
+    model, trace = traced
+    trace.save(tmp_path / "t.npz")
+    net, _ = train(
+        model, trace, distance=2, rank=8, epochs=1, batch=32, online=DEFAULTS, log=lambda *a: None
+    )
+    save_shadow(net, tmp_path / "shadow")
+    args = [trace.source, "--traces", str(tmp_path / "t.npz"), "--distance", "2"]
+    main(args + ["--shadow", str(tmp_path / "shadow"), "--also", f"prose={tmp_path / 't.npz'}"])
+    out = capsys.readouterr().out
+    assert "| shadow-frozen |" in out and "\nprose (" in out
+    assert out.count("| router-lookahead |") == 2
+
+
+def test_online_eval_reports_early_and_late_recall(traced, tmp_path, capsys):
+    from mlx_lm_odmoe.research.online_eval import generated_positions, main
+
+    model, trace = traced
+    pos = generated_positions(trace)
+    assert (pos[~trace.generated] == -1).all() and pos.max() == trace.generated.sum() // 8 - 1
+    trace.save(tmp_path / "t.npz")
+    net, _ = train(model, trace, distance=2, rank=8, epochs=1, batch=32, log=lambda *a: None)
+    save_shadow(net, tmp_path / "shadow")  # frozen as saved: the report adapts a copy
+    main([trace.source, "--traces", str(tmp_path / "t.npz"), "--shadow", str(tmp_path / "shadow")]
+         + ["--window", "3", "--distance", "2", "--json", str(tmp_path / "r.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| shadow (online) |" in out and "d=2 last 3" in out and "host step" in out
 
 
 def test_man_pages_lose_their_markup():

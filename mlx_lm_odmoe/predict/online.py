@@ -23,7 +23,7 @@ a softmax over E per row and target: a few microseconds in numpy, and lazy
 (no host sync) in MLX.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import mlx.core as mx
 import numpy as np
@@ -36,33 +36,41 @@ class OnlineCorrection:
 
     :meth:`terms` gives the current values for a step, :meth:`remember` keeps
     the step's scores and correction, and :meth:`learn` (with a layer's true
-    ids) updates from every prediction waiting for that layer.
+    ids) updates from every prediction waiting for that layer. Each source
+    layer's values sit in one array per kind ([distance, 1], [distance, E]),
+    so a step's terms are views and an update touches one row in place.
     """
 
-    def __init__(self, num_experts: int, xp=np, **settings):
-        self.num_experts, self.xp = num_experts, xp
+    def __init__(self, num_experts: int, distance: int, xp=np, **settings):
+        self.num_experts, self.distance, self.xp = num_experts, distance, xp
         s = {**DEFAULTS, **settings}
         self.bias_lr, self.gate_lr, self.decay = s["bias_lr"], s["gate_lr"], s["decay"]
         self.bias_clip, self.gate_max = s["bias_clip"], s["gate_max"]
         self.reset()
 
     def reset(self):
-        self._bias: Dict[Tuple[int, int], object] = {}
-        self._gate: Dict[Tuple[int, int], object] = {}
+        self._gate: Dict[int, object] = {}  # source -> [distance, 1]
+        self._bias: Dict[int, object] = {}  # source -> [distance, E]
         self._pending: Dict[int, List[tuple]] = {}
 
     def terms(self, source: int, targets: List[int]):
-        """(gate [m, 1], bias [m, E]) for ``source``'s step to ``targets``."""
-        xp = self.xp
-        one, zero = xp.ones((1,), dtype=xp.float32), xp.zeros((self.num_experts,), dtype=xp.float32)
-        gate = xp.stack([self._gate.get((source, t), one) for t in targets])
-        return gate, xp.stack([self._bias.get((source, t), zero) for t in targets])
+        """(gate [m, 1], bias [m, E]) for ``source``'s step to its first m
+        later layers ``targets``."""
+        gate, bias = self._state(source)
+        return gate[: len(targets)], bias[: len(targets)]
+
+    def _state(self, source: int):
+        if source not in self._gate:
+            xp = self.xp
+            self._gate[source] = xp.ones((self.distance, 1), dtype=xp.float32)
+            self._bias[source] = xp.zeros((self.distance, self.num_experts), dtype=xp.float32)
+        return self._gate[source], self._bias[source]
 
     def remember(self, source: int, targets: List[int], scores, correction):
         """Keep ``scores`` and ``correction`` ([N, m, E]) until each target's
         true ids arrive."""
         for j, t in enumerate(targets):
-            self._pending.setdefault(t, []).append((source, scores[:, j], correction[:, j]))
+            self._pending.setdefault(t, []).append((source, j, scores[:, j], correction[:, j]))
 
     def learn(self, layer: int, truth) -> None:
         """One step on every prediction made for ``layer``, whose true top-k
@@ -70,20 +78,19 @@ class OnlineCorrection:
         waiting = self._pending.pop(layer, None)
         if not waiting:
             return
-        xp, E = self.xp, self.num_experts
+        xp = self.xp
         truth = truth.reshape(-1, truth.shape[-1])
-        target = _hot(xp, truth, E) / truth.shape[-1]
-        for source, scores, corr in waiting:
+        target = _hot(xp, truth, self.num_experts) / truth.shape[-1]
+        for source, j, scores, corr in waiting:
             if scores.shape[0] != truth.shape[0]:
                 continue  # rows of another pass (a new prompt): nothing to learn
             g = _softmax(xp, scores) - target  # d loss / d scores, per row
-            key = (source, layer)
-            bias = self._bias.get(key, 0.0) * (1 - self.decay) - self.bias_lr * g.mean(axis=0)
-            gate = self._gate.get(key, 1.0)
-            step = (g * corr).sum(axis=-1).mean(axis=0, keepdims=True)
-            gate = gate + self.decay * (1.0 - gate) - self.gate_lr * step
-            self._bias[key] = xp.clip(bias, -self.bias_clip, self.bias_clip)
-            self._gate[key] = xp.clip(gate, 0.0, self.gate_max)
+            gate, bias = self._state(source)
+            b = bias[j] * (1 - self.decay) - self.bias_lr * g.mean(axis=0)
+            a = gate[j] + self.decay * (1.0 - gate[j])
+            a = a - self.gate_lr * (g * corr).sum(axis=-1).mean(axis=0, keepdims=True)
+            bias[j] = xp.clip(b, -self.bias_clip, self.bias_clip)
+            gate[j] = xp.clip(a, 0.0, self.gate_max)
 
 
 def _softmax(xp, s):

@@ -132,7 +132,10 @@ class ShadowModel(ExpertPredictor):
         settings = net.config.get("online") if online is None else online
         self.online = dict(settings) if settings else None
         E = net.config["num_experts"]
-        self._adapt = {xp: OnlineCorrection(E, xp, **self.online) for xp in (mx, np) if self.online}
+        d = net.config["distance"]
+        self._adapt = {
+            xp: OnlineCorrection(E, d, xp, **self.online) for xp in (mx, np) if self.online
+        }
         self.moe_layers: List[int] = list(net.config["moe_layers"])
         self.distance = net.config["distance"]
         self.state = PreviousTokenState(net.config["num_experts"])

@@ -1,10 +1,15 @@
 """``mlx_lm_odmoe.eval_predictors``: how well each predictor finds the experts.
 
-    mlx_lm_odmoe.eval_predictors MODEL --traces traces.npz [--json] [--plot out.png]
+    mlx_lm_odmoe.eval_predictors MODEL --traces traces.npz [--also legal=legal.npz]
+                                 [--json] [--plot out.png]
 
 Scores every predictor (router lookahead, previous token, most frequent and,
-when MODEL has one, the shadow model) on the evaluation sequences of the
-trace: recall of the true top-k at distances 1..d, at widths k and 2k.
+when MODEL has one, the shadow model, adapting online and frozen) on the
+evaluation sequences of the trace: recall of the true top-k at distances
+1..d, at widths k and 2k. ``--also`` scores the same predictors on traces of
+other text (say, a kind the shadow model was not trained on) beside it:
+a predictor that is better only on text like its training text is not
+better (research/cross_domain.py trains without each kind in turn).
 """
 
 import argparse
@@ -34,6 +39,12 @@ def predictors_for(model, model_dir, trace: Trace, distance: int, shadow_dir=Non
     if shadow is not None:
         shadow.distance = min(shadow.distance, distance)
         out.append(shadow)
+        if shadow.online:
+            from ..predict.shadow import ShadowModel
+
+            frozen = ShadowModel(model, shadow.net, online=False)
+            frozen.name, frozen.distance = "shadow-frozen", shadow.distance
+            out.append(frozen)
     return out
 
 
@@ -56,13 +67,24 @@ def build_parser():
     p.add_argument(
         "--shadow", help="folder with shadow.safetensors/shadow.json (default: the model folder)"
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=TRACES",
+        help="also score on these traces (say, text the shadow model was not trained on)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     p.add_argument("--plot", help="write a PNG of recall vs distance here")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    also = dict(a.split("=", 1) for a in args.also if "=" in a)
+    if len(also) != len(args.also):
+        parser.error("--also takes NAME=TRACES")
     import mlx_lm_odmoe
 
     from .evaluate import evaluate, markdown_table, plot, time_per_token
@@ -77,6 +99,17 @@ def main(argv=None):
     results = evaluate(predictors, trace, positions)
     for p in predictors:
         results[p.name]["ms_per_token"] = 1e3 * time_per_token(p, trace)
+    other = {}
+    for name, path in also.items():
+        o = Trace.load(path)
+        o_want = o.generated if args.split == "generated" else ~o.generated
+        o_held = eval_mask(o)
+        o_pos = o_want[o_held]
+        other[name] = {
+            "traces": path,
+            "tokens": int(o_pos.sum()),
+            "predictors": evaluate(predictors, o.select(o_held), o_pos),
+        }
     report = {
         "model": str(args.model),
         "traces": str(args.traces),
@@ -85,6 +118,7 @@ def main(argv=None):
         "top_k": trace.top_k,
         "num_experts": trace.num_experts,
         "predictors": results,
+        "also": other,
     }
     if args.plot:
         plot(
@@ -105,6 +139,9 @@ def main(argv=None):
             "\npredictor time per decode token (all MoE layers, median): "
             + ", ".join(f"{n} {r['ms_per_token']:.3f} ms" for n, r in results.items())
         )
+        for name, o in other.items():
+            print(f"\n{name} ({o['traces']}): {o['tokens']} {args.split} tokens\n")
+            print(markdown_table(o["predictors"], trace.top_k))
 
 
 if __name__ == "__main__":

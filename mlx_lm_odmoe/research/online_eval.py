@@ -99,6 +99,12 @@ def build_parser():
     p.add_argument("--window", type=int, default=200)
     p.add_argument("--distance", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--online",
+        type=json.loads,
+        default={},
+        help="online settings over the shadow model's own, as JSON (say '{\"bias_lr\": 0.1}')",
+    )
     p.add_argument("--save-trace", help="keep the generation's trace here (.npz)")
     p.add_argument("--json", help="write the report here")
     return p
@@ -126,7 +132,7 @@ def main(argv=None):
         if args.save_trace:
             trace.save(args.save_trace)
     net = load_shadow(model, args.shadow).net
-    settings = net.config.get("online") or DEFAULTS
+    settings = {**(net.config.get("online") or DEFAULTS), **args.online}
     preds = {
         "router-lookahead": RouterLookahead(model, trace.moe_layers, args.distance),
         "shadow (online)": ShadowModel(model, net, online=settings),
