@@ -221,3 +221,19 @@ def test_man_pages_lose_their_markup():
 
     page = '.\\" comment\n.TH LS "1"\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\n'
     assert strip_troff(page) == "NAME\nls - list directory contents\n"
+
+
+def test_the_model_card_prediction_section_is_replaced_not_repeated():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from model_card import replace_section
+
+    card = "# m\n\n## Routing\n\n| a |\n\nLicense of the weights: PSF.\n"
+    once = replace_section(
+        card, "## Expert prediction on text the shadow model was not trained on\n\nv1\n"
+    )
+    twice = replace_section(
+        once, "## Expert prediction on text the shadow model was not trained on\n\nv2\n"
+    )
+    assert "v1" in once and "v2" in twice and "v1" not in twice
+    assert twice.count("License of the weights") == 1 and twice.endswith("PSF.\n")
+    assert twice.index("## Routing") < twice.index("v2") < twice.index("License")
