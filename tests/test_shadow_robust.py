@@ -237,3 +237,23 @@ def test_the_model_card_prediction_section_is_replaced_not_repeated():
     assert "v1" in once and "v2" in twice and "v1" not in twice
     assert twice.count("License of the weights") == 1 and twice.endswith("PSF.\n")
     assert twice.index("## Routing") < twice.index("v2") < twice.index("License")
+
+
+def test_a_fresh_replay_shows_the_predictor_nothing_of_the_prompt(traced):
+    """As the block: prediction (and online learning) starts with decode, so
+    at the first generated token the previous-token predictor knows nothing."""
+    from mlx_lm_odmoe.predict.baselines import PreviousToken
+    from mlx_lm_odmoe.research.evaluate import replay
+
+    _, trace = traced
+    first = {int(np.flatnonzero(trace.generated[a:b])[0]) + a for a, b in trace.sequences()
+             if trace.generated[a:b].any()}  # fmt: skip
+    for fresh in (False, True):
+        sums = []
+
+        def sink(i, j, idx, s):
+            sums.extend(float(s[r].sum()) for r, t in enumerate(idx) if t in first)
+
+        replay(PreviousToken(trace.moe_layers, trace.num_experts, 1), trace, trace.generated,
+               sink, fresh=fresh)  # fmt: skip
+        assert sums and (max(sums) == 0) == fresh

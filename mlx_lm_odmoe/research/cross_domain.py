@@ -53,7 +53,8 @@ def score(preds, trace: Trace, split: str):
 
     held = eval_mask(trace)
     sub, positions = trace.select(held), split_of(trace, split)[held]
-    results = evaluate(preds, sub, positions)
+    # Decode starts fresh, as in the block: nothing learned from the prompt.
+    results = evaluate(preds, sub, positions, fresh=True)
     return {"tokens": int(positions.sum()), "predictors": results}
 
 

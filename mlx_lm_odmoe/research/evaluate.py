@@ -40,10 +40,12 @@ class RecallCounter:
         }
 
 
-def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable):
+def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable, fresh=False):
     """Run ``predictor`` over every sequence of ``trace``; for the rows at
     ``positions`` call ``sink(source row, target row, token indices, scores)``
-    (rows index ``trace.moe_layers``)."""
+    (rows index ``trace.moe_layers``). ``fresh``: reset the predictor at the
+    first scored step, as the block does when decoding starts (it shows the
+    predictor nothing of the prompt), so online learning starts there."""
     layers = trace.moe_layers
     groups: Dict[int, list] = {}
     for start, stop in trace.sequences():
@@ -51,10 +53,13 @@ def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable):
             groups.setdefault(stop - start, []).append(start)
     for length, starts in groups.items():
         predictor.reset()
-        rows = np.array(starts)
+        rows, started = np.array(starts), False
         for t in range(length):
             idx = rows + t
             scored = positions[idx]
+            if fresh and not started and scored.any():
+                predictor.reset()
+                started = True
             for i, l in enumerate(layers):
                 out = predictor.predict(
                     l, mx.array(trace.hidden[i, idx]), mx.array(trace.topk[i, idx])
@@ -67,14 +72,22 @@ def replay(predictor, trace: Trace, positions: np.ndarray, sink: Callable):
     predictor.reset()
 
 
-def evaluate(predictors, trace: Trace, positions: np.ndarray, widths=None) -> Dict[str, dict]:
-    """{predictor name: {"recall@w": {distance: recall}}}."""
+def evaluate(
+    predictors, trace: Trace, positions: np.ndarray, widths=None, fresh=False
+) -> Dict[str, dict]:
+    """{predictor name: {"recall@w": {distance: recall}}} (``fresh``: see :func:`replay`)."""
     k = trace.top_k
     widths = widths or [k, 2 * k]
     results = {}
     for p in predictors:
         counter = RecallCounter(k, widths)
-        replay(p, trace, positions, lambda i, j, idx, s: counter.add(j - i, s, trace.topk[j, idx]))
+        replay(
+            p,
+            trace,
+            positions,
+            lambda i, j, idx, s: counter.add(j - i, s, trace.topk[j, idx]),
+            fresh,
+        )
         results[p.name] = {f"recall@{w}": r for w, r in counter.recall().items()}
     return results
 

@@ -50,7 +50,7 @@ def recall_by_position(predictor, trace: Trace, distance: int):
         np.add.at(hits[d], pos[idx], h)
         np.add.at(count[d], pos[idx], 1)
 
-    replay(predictor, trace, trace.generated, sink)
+    replay(predictor, trace, trace.generated, sink, fresh=True)  # as the block: decode starts fresh
     return {d: hits[d] / np.maximum(count[d], 1) for d in hits}
 
 
