@@ -42,10 +42,10 @@ def traced(models):
     return model, trace
 
 
-def steps(adapt, scores, correction, truth, n=50):
+def steps(adapt, scores, correction, truth, n=50, cur=None):
     """``n`` tokens of one source layer (0) predicting layer 1."""
     for _ in range(n):
-        adapt.remember(0, [1], scores[:, None], correction[:, None])
+        adapt.remember(0, [1], scores[:, None], correction[:, None], cur)
         adapt.learn(1, truth)
 
 
@@ -70,15 +70,31 @@ def test_online_gate_turns_off_a_correction_that_points_elsewhere(xp):
     assert float(np.array(gate)[0, 0]) < 0.7
 
 
-def test_numpy_and_mlx_corrections_learn_alike():
+@pytest.mark.parametrize("xp", [np, mx], ids=["numpy", "mlx"])
+def test_online_pairs_learn_which_experts_follow_which(xp):
+    """Expert 2 at layer 0 is followed by 5 at layer 1, expert 3 by 6: no
+    single bias can say that."""
+    adapt = OnlineCorrection(E, 2, xp, pair_lr=1.0)
+    flat = xp.zeros((1, E), dtype=xp.float32)
+    for _ in range(40):
+        for c, t in ((2, 5), (3, 6)):
+            steps(adapt, flat, flat, xp.array([[t, 7]]), n=1, cur=xp.array([[c, 0]]))
+    for c, t in ((2, 5), (3, 6)):
+        _, bias = adapt.terms(0, [1], xp.array([[c, 0]]))
+        best = np.argsort(-np.array(bias[0, 0]))[:K]
+        assert set(best.tolist()) == {t, 7}
+
+
+@pytest.mark.parametrize("pair_lr", [0.0, 0.5])
+def test_numpy_and_mlx_corrections_learn_alike(pair_lr):
     rng = np.random.default_rng(0)
-    a, b = OnlineCorrection(E, 2, np), OnlineCorrection(E, 2, mx)
+    a, b = OnlineCorrection(E, 2, np, pair_lr=pair_lr), OnlineCorrection(E, 2, mx, pair_lr=pair_lr)
     for _ in range(20):
         s, c = rng.normal(size=(2, 1, E)).astype(np.float32)
-        truth = rng.choice(E, (1, K), replace=False)
-        steps(a, s, c, truth, n=1)
-        steps(b, mx.array(s), mx.array(c), mx.array(truth), n=1)
-    for x, y in zip(a.terms(0, [1]), b.terms(0, [1])):
+        truth, cur = (rng.choice(E, (1, K), replace=False) for _ in range(2))
+        steps(a, s, c, truth, n=1, cur=cur)
+        steps(b, mx.array(s), mx.array(c), mx.array(truth), n=1, cur=mx.array(cur))
+    for x, y in zip(a.terms(0, [1], cur), b.terms(0, [1], mx.array(cur))):
         assert np.allclose(x, np.array(y), atol=1e-5)
 
 
@@ -99,16 +115,18 @@ def test_predictions_for_another_pass_teach_nothing():
     assert (gate == 1).all() and (bias == 0).all()
 
 
-def test_adapting_host_and_device_steps_guess_alike(traced, tmp_path):
+@pytest.mark.parametrize("pair_lr", [0.0, 0.5])
+def test_adapting_host_and_device_steps_guess_alike(traced, tmp_path, pair_lr):
     """The block runs the numpy step for small models and the MLX step for
     large ones; with online correction both learn the same and guess alike."""
     model, trace = traced
+    online = {**DEFAULTS, "pair_lr": pair_lr}
     net, _ = train(
-        model, trace, distance=2, rank=8, epochs=1, batch=32, online=DEFAULTS, log=lambda *a: None
+        model, trace, distance=2, rank=8, epochs=1, batch=32, online=online, log=lambda *a: None
     )
     save_shadow(net, tmp_path)
     dev, host = load_predictor(model, tmp_path), load_predictor(model, tmp_path)
-    assert dev.online == DEFAULTS and host.on_host
+    assert dev.online == online and host.on_host
     layers = trace.moe_layers
     for row in range(6):
         for i, l in enumerate(layers):

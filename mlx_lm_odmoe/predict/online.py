@@ -6,7 +6,8 @@ when layer t routes: the block hands the predictor layer t's true top-k
 arrival is a labelled example of the text being served. Per (source layer,
 distance) this keeps
 
-    scores = gate * correction + rest + bias
+    scores = gate * correction + rest + bias [+ sum of pair[c] over the
+                                               experts c layer L chose]
 
 where ``correction`` is the learned head's output, ``rest`` the lookahead
 and previous-token terms, ``bias`` [E] starts at zero and ``gate`` at one,
@@ -16,7 +17,9 @@ the true top-k) on ``bias`` and ``gate`` per arrival:
 * ``bias`` tracks which experts this request's text uses, what the trained
   head's own bias learned only for the training text;
 * ``gate`` shrinks the correction where it hurts on this text, so the
-  scores fall back towards the free lookahead instead of staying worse.
+  scores fall back towards the free lookahead instead of staying worse;
+* ``pair`` [E, E] (when ``pair_lr`` > 0) learns this text's co-occurrence
+  of layer L's experts with layer t's, on top of the trained one.
 
 Both decay towards their start and are reset per request. The arithmetic is
 a softmax over E per row and target: a few microseconds in numpy, and lazy
@@ -28,7 +31,14 @@ from typing import Dict, List
 import mlx.core as mx
 import numpy as np
 
-DEFAULTS = {"bias_lr": 0.3, "gate_lr": 0.02, "decay": 0.002, "bias_clip": 4.0, "gate_max": 1.5}
+DEFAULTS = {
+    "bias_lr": 0.3,
+    "gate_lr": 0.02,
+    "pair_lr": 0.0,
+    "decay": 0.002,
+    "bias_clip": 4.0,
+    "gate_max": 1.5,
+}
 
 
 class OnlineCorrection:
@@ -45,32 +55,42 @@ class OnlineCorrection:
         self.num_experts, self.distance, self.xp = num_experts, distance, xp
         s = {**DEFAULTS, **settings}
         self.bias_lr, self.gate_lr, self.decay = s["bias_lr"], s["gate_lr"], s["decay"]
+        self.pair_lr = s["pair_lr"]
         self.bias_clip, self.gate_max = s["bias_clip"], s["gate_max"]
         self.reset()
 
     def reset(self):
         self._gate: Dict[int, object] = {}  # source -> [distance, 1]
         self._bias: Dict[int, object] = {}  # source -> [distance, E]
+        self._pair: Dict[int, object] = {}  # source -> [distance, E (at L), E (at t)]
         self._pending: Dict[int, List[tuple]] = {}
 
-    def terms(self, source: int, targets: List[int]):
+    def terms(self, source: int, targets: List[int], cur=None):
         """(gate [m, 1], bias [m, E]) for ``source``'s step to its first m
-        later layers ``targets``."""
+        later layers ``targets``; with pairs learned, the bias is per row of
+        ``cur`` (the experts ``source`` chose, [N, k]): [N, m, E]."""
         gate, bias = self._state(source)
-        return gate[: len(targets)], bias[: len(targets)]
+        m = len(targets)
+        if not self.pair_lr or cur is None:
+            return gate[:m], bias[:m]
+        pair = self.xp.take(self._pair[source][:m], cur, axis=1).sum(axis=2)  # [m, N, E]
+        return gate[:m], bias[:m] + pair.transpose(1, 0, 2)
 
     def _state(self, source: int):
         if source not in self._gate:
             xp = self.xp
             self._gate[source] = xp.ones((self.distance, 1), dtype=xp.float32)
             self._bias[source] = xp.zeros((self.distance, self.num_experts), dtype=xp.float32)
+            if self.pair_lr:
+                E = self.num_experts
+                self._pair[source] = xp.zeros((self.distance, E, E), dtype=xp.float32)
         return self._gate[source], self._bias[source]
 
-    def remember(self, source: int, targets: List[int], scores, correction):
+    def remember(self, source: int, targets: List[int], scores, correction, cur=None):
         """Keep ``scores`` and ``correction`` ([N, m, E]) until each target's
-        true ids arrive."""
+        true ids arrive (and ``cur``, the source's own ids, for pairs)."""
         for j, t in enumerate(targets):
-            self._pending.setdefault(t, []).append((source, j, scores[:, j], correction[:, j]))
+            self._pending.setdefault(t, []).append((source, j, scores[:, j], correction[:, j], cur))
 
     def learn(self, layer: int, truth) -> None:
         """One step on every prediction made for ``layer``, whose true top-k
@@ -81,7 +101,7 @@ class OnlineCorrection:
         xp = self.xp
         truth = truth.reshape(-1, truth.shape[-1])
         target = _hot(xp, truth, self.num_experts) / truth.shape[-1]
-        for source, j, scores, corr in waiting:
+        for source, j, scores, corr, cur in waiting:
             if scores.shape[0] != truth.shape[0]:
                 continue  # rows of another pass (a new prompt): nothing to learn
             g = _softmax(xp, scores) - target  # d loss / d scores, per row
@@ -91,6 +111,21 @@ class OnlineCorrection:
             a = a - self.gate_lr * (g * corr).sum(axis=-1).mean(axis=0, keepdims=True)
             bias[j] = xp.clip(b, -self.bias_clip, self.bias_clip)
             gate[j] = xp.clip(a, 0.0, self.gate_max)
+            if self.pair_lr and cur is not None:
+                self._learn_pair(self._pair[source], j, cur, g)
+
+    def _learn_pair(self, pair, j, cur, g):
+        """pair[j][c] -= lr * g for each row's own experts c (distinct per row)."""
+        step = -self.pair_lr * g[:, None, :] / cur.shape[-1]  # [N, 1, E]
+        if self.xp is mx:
+            pair[j] = (
+                (pair[j] * (1 - self.decay))
+                .at[cur]
+                .add(mx.broadcast_to(step, cur.shape + step.shape[-1:]))
+            )
+        else:
+            pair[j] *= 1 - self.decay
+            np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
 
 
 def _softmax(xp, s):

@@ -175,8 +175,8 @@ class ShadowModel(ExpertPredictor):
             x = hidden if hidden.dtype == mx.float32 else hidden.astype(mx.float32)
             step = self._step(layer, tuple(targets), select)
             if adapt:
-                res, scores, corr = step(x, topk, prev, *adapt.terms(layer, targets))
-                adapt.remember(layer, targets, scores, corr)
+                res, scores, corr = step(x, topk, prev, *adapt.terms(layer, targets, topk))
+                adapt.remember(layer, targets, scores, corr, topk)
             else:
                 res = step(x, topk, prev)
             out = {t: res[:, j] for j, t in enumerate(targets)}
@@ -296,10 +296,10 @@ class ShadowModel(ExpertPredictor):
             prev = [self._host_prev(t, n, k) for t in targets]
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
             x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
-            online = adapt.terms(layer, targets) if adapt else None
+            online = adapt.terms(layer, targets, topk) if adapt else None
             ids, scores, corr = step(x, topk, prev, min_prob, online)
             if adapt:
-                adapt.remember(layer, targets, scores, corr)
+                adapt.remember(layer, targets, scores, corr, topk)
             out = {t: ids[:, j] for j, t in enumerate(targets)}
         self._host_last[layer] = topk
         return out
