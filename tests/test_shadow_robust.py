@@ -180,15 +180,17 @@ def test_mixed_traces_keep_every_sequence_and_split(traced):
     assert isinstance(mixed, Trace)
 
 
-def test_cross_domain_report_scores_each_kind_out_of_domain(traced):
+def test_cross_domain_report_scores_each_kind_out_of_domain(traced, tmp_path):
     from mlx_lm_odmoe.research.cross_domain import markdown, run
 
     model, trace = traced
     kinds = {"a": trace, "b": trace}
     report = run(
-        model, kinds, distance=2, splits=["generated"], log=lambda *a: None,
+        model, kinds, distance=2, splits=["generated"], save=tmp_path, log=lambda *a: None,
         rank=8, epochs=1, batch=32, online=DEFAULTS,
     )  # fmt: skip
+    again = run(model, kinds, 2, ["generated"], load=tmp_path, log=lambda *a: None, online=None)
+    assert "shadow-frozen" not in again["a"]["out_of_domain"]["generated"]["predictors"]
     assert set(report) == {"a", "b"} and report["a"]["trained_on"] == ["b"]
     res = report["a"]["out_of_domain"]["generated"]["predictors"]
     assert {

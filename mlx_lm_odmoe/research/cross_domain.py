@@ -2,12 +2,14 @@
 
     python -m mlx_lm_odmoe.research.cross_domain MODEL \\
         --kind code=code.npz --kind man=man.npz --kind legal=legal.npz \\
-        [--json out.json] [--markdown out.md] [--save shadows/]
+        [--json out.json] [--markdown out.md] [--save shadows/ | --load shadows/]
 
 For each kind H, a shadow model is trained on the training sequences of
 every other kind (train_shadow's recipe) and scored, next to the three
 free baselines, on the evaluation sequences of H (out of domain) and of
-the kinds it trained on (in domain). A shadow model that is better only
+the kinds it trained on (in domain). ``--load`` scores shadow models saved
+by an earlier ``--save`` instead of training (say, with other ``--online``
+settings). A shadow model that is better only
 on text like its training text is not better: a user's prompts are never
 the training corpus (issue 16).
 """
@@ -58,18 +60,29 @@ def score(preds, trace: Trace, split: str):
     return {"tokens": int(positions.sum()), "predictors": results}
 
 
-def run(model, kinds: dict, distance=4, splits=SPLITS, save=None, log=print, **train_args):
+def run(
+    model, kinds: dict, distance=4, splits=SPLITS, save=None, load=None, log=print, **train_args
+):
     """{held-out kind: {"training": info, "out_of_domain": {split: ...},
-    "in_domain": {split: ...}}}; ``train_args`` go to train_shadow.train."""
-    from ..predict.shadow import save_shadow
+    "in_domain": {split: ...}}}; ``train_args`` go to train_shadow.train
+    (with ``load``, only ``online`` is used: it replaces the saved settings)."""
+    from ..predict.shadow import load_shadow, save_shadow
     from .train_shadow import train
 
     report = {}
     for held_out, test in kinds.items():
         others = [k for k in kinds if k != held_out]
         mixed = concat([kinds[k] for k in others])
-        log(f"without {held_out}: training on {', '.join(others)}")
-        net, info = train(model, mixed, distance, log=lambda *a: None, **train_args)
+        log(f"without {held_out}: {'loaded' if load else 'training'} on {', '.join(others)}")
+        if load:
+            net = load_shadow(model, Path(load) / f"without-{held_out}").net
+            info = net.config.get("training", {})
+            if "online" in train_args:
+                net.config.pop("online", None)
+                if train_args["online"]:
+                    net.config["online"] = dict(train_args["online"])
+        else:
+            net, info = train(model, mixed, distance, log=lambda *a: None, **train_args)
         if save:
             save_shadow(net, Path(save) / f"without-{held_out}", {"training": info})
         entry = {"trained_on": others, "training": info, "out_of_domain": {}, "in_domain": {}}
@@ -150,6 +163,13 @@ def build_parser():
     p.add_argument("--no-online", action="store_true", help="train frozen shadow models")
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
     p.add_argument("--save", help="folder for the shadow models (one per held-out kind)")
+    p.add_argument("--load", help="score the shadow models an earlier --save wrote instead")
+    p.add_argument(
+        "--online",
+        type=json.loads,
+        default={},
+        help="online settings over the defaults, as JSON (say '{\"pair_lr\": 0.3}')",
+    )
     p.add_argument("--json", help="write the report here")
     p.add_argument("--markdown", help="write the tables here")
     return p
@@ -174,10 +194,11 @@ def main(argv=None):
         args.distance,
         args.splits,
         args.save,
+        args.load,
         epochs=args.epochs,
         generated_weight=args.generated_weight,
         correction_l2=DEFAULT_L2 if args.correction_l2 is None else args.correction_l2,
-        online=None if args.no_online else DEFAULTS,
+        online=None if args.no_online else {**DEFAULTS, **args.online},
     )
     top_k = next(iter(traces.values())).top_k
     table = markdown(report, top_k)
