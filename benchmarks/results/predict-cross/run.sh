@@ -3,15 +3,18 @@
 # corpora of three kinds of text, traces of both shipped models on each,
 # shadow models trained without each kind and scored on it, recall over
 # 1,000-token generations (online vs frozen), and the shipped shadows
-# trained on all three kinds. Traces and corpora go to $ARTIFACTS.
+# trained on all three kinds. Traces and corpora go to $ARTIFACTS; the
+# models run one after the other (MODELS=tiny-kimi sh run.sh for one).
 set -e
 OUT=benchmarks/results/predict-cross
 A=${ARTIFACTS:-artifacts}
 PY=${PY:-.venv/bin/python}
 KINDS="code man legal"
 
-$PY training/text_kinds.py --tokenizer models/tiny-qwen2-moe --out "$A/kinds"
-cp "$A/kinds/kinds.json" "$OUT/kinds.json"
+if [ ! -f "$A/kinds/kinds.json" ]; then
+  $PY training/text_kinds.py --tokenizer models/tiny-qwen2-moe --out "$A/kinds"
+  cp "$A/kinds/kinds.json" "$OUT/kinds.json"
+fi
 
 for m in ${MODELS:-tiny-qwen2-moe tiny-kimi}; do
   args=""
