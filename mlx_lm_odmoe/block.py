@@ -35,6 +35,29 @@ def moe_layers_of(model) -> list:
     return list(switch_layers_of(model, STOCK_SWITCHES + (OnDemandSwitchGLU,)))
 
 
+def _pass_chunks(store, layer, experts, cap):
+    """Chunks of at most ``cap`` experts for a pass that cannot hold them
+    all, and the experts to keep resident throughout (None: any order).
+
+    Where the store ranks experts by use (this run's and earlier runs'),
+    the hottest resident ones (up to half the slots) stay for the whole
+    pass and run last, the others run coldest first: no resident hot
+    expert is read twice, and the hottest are the ones resident when the
+    pass ends and decoding begins."""
+    rank = getattr(store, "pass_order", None)
+    if rank is None:
+        return [experts[i : i + cap] for i in range(0, len(experts), cap)], None
+    ranked = rank(layer, experts)  # coldest first
+    resident = store.resident_mask(layer, ranked)
+    keep = ranked[resident][::-1][: cap // 2]
+    others = ranked[~np.isin(ranked, keep)]
+    room = cap - len(keep)
+    chunks = [np.sort(others[i : i + room]) for i in range(0, len(others), room)]
+    if len(keep):
+        chunks.append(np.sort(keep))
+    return chunks, keep
+
+
 def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Routes ``ids`` (expert ids) rewritten to the experts' pool slots."""
     remap = np.zeros(store.layout.num_experts, dtype=np.int32)
@@ -225,18 +248,23 @@ class OnDemandSwitchGLU(nn.Module):
             store.prefetch(target, experts)
 
     def _expert_major(self, store, x, ids, experts):
-        """Run routes in chunks of at most ``capacity`` distinct experts."""
+        """Run routes in chunks of at most ``capacity`` distinct experts
+        (see ``_pass_chunks`` for their order)."""
         k = ids.shape[-1]
         flat = ids.reshape(-1)
         order = np.argsort(flat, kind="stable")
         tokens = x.reshape(-1, x.shape[-1])
         cap = store.capacity(self.layer)
-        outs = []
-        for start in range(0, len(experts), cap):
-            chunk = experts[start : start + cap]
-            lo, hi = np.searchsorted(flat[order], [chunk[0], chunk[-1] + 1])
-            routes = order[lo:hi]
-            pool, slots = store.fetch(self.layer, chunk)
+        chunks, keep = _pass_chunks(store, self.layer, experts, cap)
+        outs, done = [], []
+        for chunk in chunks:
+            member = np.zeros(store.layout.num_experts, dtype=bool)
+            member[chunk] = True
+            routes = order[member[flat[order]]]  # this chunk's routes, by expert
+            if keep is None:
+                pool, slots = store.fetch(self.layer, chunk)
+            else:
+                pool, slots = store.fetch(self.layer, chunk, keep=keep)
             remap = np.zeros(store.layout.num_experts, dtype=np.int32)
             remap[chunk] = slots
             xs = tokens[mx.array(routes // k)]
@@ -244,5 +272,7 @@ class OnDemandSwitchGLU(nn.Module):
             y = y.squeeze(-2)
             mx.eval(y)  # the next chunk may overwrite these slots
             outs.append(y)
-        y = mx.concatenate(outs, axis=0)[mx.array(np.argsort(order, kind="stable"))]
+            done.append(routes)
+        back = np.argsort(np.concatenate(done), kind="stable")
+        y = mx.concatenate(outs, axis=0)[mx.array(back)]
         return y.reshape(*ids.shape, -1)

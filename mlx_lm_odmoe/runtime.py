@@ -110,6 +110,8 @@ class ExpertRuntime:
         layout = reader.layout
         layers = self._layers(layout)
         plan = self._plan(layout, len(layers))
+        # Before the predictor's read probe, so that it reads as the store will.
+        reader.set_direct_io(self._direct_io(layout, plan))
         if plan.slots < layout.num_experts and self.predictor is None:
             self.predictor = self._load_predictor(reader)
         if self.predictor is not None and self.settings.prefetch_into == "staging":
@@ -147,6 +149,7 @@ class ExpertRuntime:
         path = Path(self.settings.warm_start_file or warm_start.counts_path(self.model_dir))
         counts = warm_start.load_counts(path, layout.moe_layers, layout.num_experts)
         if counts is not None:
+            store.prior_counts = counts
             store.preload(warm_start.hottest(counts, slots))
         ref = weakref.ref(store)
 

@@ -70,3 +70,30 @@ def test_counts_are_saved_at_exit_in_the_users_cache_folder(models, tmp_path):
         assert warm_start.counts_path(folder) == files[0]
     finally:
         os.environ["XDG_CACHE_HOME"] = old
+
+
+def test_a_prompt_too_big_for_the_cache_ends_with_the_hottest_experts_resident(models, tmp_path):
+    """A pass that cannot hold all its experts runs them coldest first and
+    keeps the hot resident ones throughout, so decoding starts with the
+    hottest in memory (here: hottest by earlier runs' counts)."""
+    import numpy as np
+
+    folder = models("qwen2_moe", "odmoe")
+    probe = _run(folder, tmp_path / "none.json", warm_start=False)
+    layout = probe.expert_runtime.store.layout
+    E = layout.num_experts
+    hot = {l: 1e3 * np.arange(E, dtype=np.float64) for l in layout.moe_layers}  # higher ids hotter
+    path = tmp_path / "hot.json"
+    warm_start.save_counts(path, hot)
+    model, _ = mlx_lm_odmoe.load(
+        folder, expert_cache="min", model_config={"odmoe": {"warm_start_file": str(path)}}
+    )
+    store = model.expert_runtime.store
+    cache = __import__("mlx_lm.models.cache", fromlist=["make_prompt_cache"])
+    import mlx.core as mx
+
+    prompt = prompt_tokens(48, seed=4)
+    mx.eval(model(mx.array([prompt]), cache=cache.make_prompt_cache(model)))
+    for l in layout.moe_layers:
+        resident = set(np.flatnonzero(store._layers[l].expert_slot >= 0).tolist())
+        assert E - 1 in resident, (l, resident)

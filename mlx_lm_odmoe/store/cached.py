@@ -152,6 +152,7 @@ class CachedStore(ExpertStore):
         self.inline_read_s = 200e-6
         self._read_ema = 0.0
         self.prefetch_width = 4  # guesses read into the cache per layer and token
+        self.prior_counts: Dict[int, np.ndarray] = {}  # earlier runs' routes (warm start)
 
     # -- interface ---------------------------------------------------------
     def capacity(self, layer):
@@ -160,20 +161,26 @@ class CachedStore(ExpertStore):
     def resident_pool(self, layer):
         return self._layers[layer].pool if layer in self._complete else None
 
-    def fetch(self, layer, experts):
-        f = self.begin_fetch(layer, experts)
+    def fetch(self, layer, experts, keep=()):
+        f = self.begin_fetch(layer, experts, keep)
         f.wait_all()
         return f.pool, f.slots
 
-    def begin_fetch(self, layer, experts) -> Fetch:
+    def resident_mask(self, layer, experts) -> np.ndarray:
+        return self._layer(layer).expert_slot[np.asarray(experts)] >= 0
+
+    def begin_fetch(self, layer, experts, keep=()) -> Fetch:
         """Give every one of the (unique) ``experts`` a slot and start reading
-        the missing ones; the returned :class:`Fetch` says when each lands."""
+        the missing ones, evicting neither them nor ``keep``; the returned
+        :class:`Fetch` says when each lands."""
         st = self._layer(layer)
         experts = np.asarray(experts)
         protected = [int(e) for e in experts]
         pending, fresh, ready, late, guessed_hits = {}, [], 0, 0, 0
         missing = []
-        for i, e in enumerate(protected):
+        wanted = list(protected)
+        protected += [int(e) for e in keep]
+        for i, e in enumerate(wanted):
             if st.expert_slot[e] >= 0:
                 self.policy.touch(layer, e)
                 loading = st.loading.pop(e, None)
@@ -244,6 +251,16 @@ class CachedStore(ExpertStore):
                 slot = st.spare.pop()
                 st.staged[e] = (slot, self._pool.submit(self._read_slot, layer, st, e, slot))
             self.telemetry.record_prefetch(self.layout.record_nbytes)
+
+    def pass_order(self, layer, experts) -> np.ndarray:
+        """The order a pass that cannot hold all of ``experts`` at once
+        should bring them in: coldest first, by this run's routes plus
+        earlier runs' counts (warm start), so the hottest stay resident."""
+        use = self.telemetry.lifetime_use[self.telemetry._row[layer]][experts].astype(np.float64)
+        prior = self.prior_counts.get(layer)
+        if prior is not None:
+            use = use + prior[experts]
+        return np.asarray(experts)[np.argsort(use, kind="stable")]
 
     def preload(self, experts_per_layer) -> int:
         """Start reading ``{layer: experts}`` into the cache in the
