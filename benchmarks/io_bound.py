@@ -315,7 +315,7 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
             "|---|---|---|---|---|---|",
         ]
         for r in warm_rows:
-            s = r.get("prefill_stats") or {}
+            s = r.get("load_stats") or {}
             d = r.get("stats") or {}
             lines.append(
                 f"| {r['name']} | {_fmt(r.get('ttft_s'))} | {_fmt(r.get('decode_tok_s'))} "

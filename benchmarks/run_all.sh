@@ -63,3 +63,15 @@ $PY -m mlx_lm_odmoe.tools.doctor --config tests/data/qwen2-57b-a14b.config.json 
 
 # 6. One MoE layer against dense layers of the same total / active parameters.
 $PY benchmarks/moe_vs_dense.py --reps 5 --out $RES/moe-vs-dense
+
+# 7. The I/O-bound regime: the trained models with their experts widened to
+#    25 MB / 16 MB float32 records (~5 GB each), cold, each contender in a
+#    memory cgroup of resident weights + its budget + 0.8 GB; llama.cpp on the
+#    same weights in the cgroup of the 25% budget.
+$PY -m mlx_lm_odmoe.tools.inflate --from models/tiny-qwen2-moe --width 8192 $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf
+$PY -m mlx_lm_odmoe.tools.inflate --from models/tiny-kimi --width 5120 $DATA/kimi-wide
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf \
+    --compare-prefetch 50%,25%,12.5% --variant '25%:{"prefetch_into": "staging", "prefetch_staging": 2}' \
+    --tokens 48 --out $RES/io-bound/qwen-wide
+$PY benchmarks/io_bound.py --model $DATA/kimi-wide --compare-prefetch 50%,25%,12.5% \
+    --tokens 48 --out $RES/io-bound/kimi-wide

@@ -210,6 +210,7 @@ def _run_mlx(spec: dict) -> dict:
     t0 = time.perf_counter()
     model, tok = _load_mlx(spec)
     load_s = time.perf_counter() - t0
+    at_load = _odmoe_stats(model)  # e.g. what warm start preloaded
     if spec["warmup_tokens"]:
         _mlx_generate(model, tok, spec["warmup_ids"], spec["warmup_tokens"])
     _reset_stats(model)
@@ -237,6 +238,7 @@ def _run_mlx(spec: dict) -> dict:
     return {
         **extra,
         **extra_prefill,
+        "load_stats": at_load,
         "load_s": load_s,
         "ttft_s": ttft,
         "decode_s": decode_s,
