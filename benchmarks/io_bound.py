@@ -52,6 +52,15 @@ from mlx_lm_odmoe.tools import bench
 from mlx_lm_odmoe.tools.cgroup import drop_all_page_caches, unavailable_reason
 
 GB = 1e9
+NOTES = (
+    "Bound = max(all-resident step, missed bytes per token / disk bandwidth): no cache "
+    "policy, predictor or overlap can beat it on this disk with this many misses; 'bound "
+    "with guesses' counts the prefetched bytes too, which the disk also carried. Belady and LFU (sim) replay "
+    "the run's own decode routes from an empty cache with the same slots per layer. "
+    "Read wait: host time the forward pass spent blocked on expert reads. Disk MB/token: "
+    "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
+    "included. One run per contender: the machine's noise is not averaged out."
+)
 
 
 def disk_bandwidth(model: Path, direct: bool, depths=(1, 2, 4, 8, 16), reads: int = 24, seed=0):
@@ -201,6 +210,7 @@ def run(spec, common, args):
     row = bench.run_contender(spec, SimpleNamespace(cold=True, timeout=args.timeout), limit)
     row["cgroup_limit_bytes"] = limit
     row["budget"] = spec.get("budget")
+    row["settings"] = spec.get("settings")
     if row["status"] == "ok":
         n = len(row["tokens"]) - 1
         row["decode_tok_s"] = n / row["decode_s"]
@@ -227,6 +237,9 @@ def derive(rows, bw, record):
             r["bound_s"] = max(base["step_s"], r["miss_bytes_per_token"] / (bw * GB))
             r["vs_bound"] = r["step_s"] / r["bound_s"]
             s = r["stats"]
+            # Guesses are read too: the disk must carry them as well.
+            read = r["miss_bytes_per_token"] + s["prefetched_bytes"] / (len(r["tokens"]) - 1)
+            r["bound_read_s"] = max(base["step_s"], read / (bw * GB))
             if s.get("misses"):
                 r["wasted_vs_missed"] = s["wasted_bytes"] / (s["misses"] * record)
         if r.get("routes") and r["kind"] == "odmoe":
@@ -257,9 +270,10 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
         "## Decode (I/O-bound regime: cold, each contender in its own cgroup)",
         "",
         "| contender | cgroup limit | tok/s | vs resident | step ms | bound ms | step / bound "
+        "| bound with guesses ms "
         "| hit rate | Belady | LFU (sim) | missed MB/token | disk MB/token | read wait ms/token "
         "| prefetch | wasted / missed | TTFT s | peak cgroup | tokens match |",
-        "|---" * 18 + "|",
+        "|---" * 19 + "|",
     ]
     for r in rows:
         s = r.get("stats") or {}
@@ -274,6 +288,7 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
                     _fmt(r.get("step_s") and 1e3 * r["step_s"], "{:.0f}"),
                     _fmt(r.get("bound_s") and 1e3 * r["bound_s"], "{:.0f}"),
                     _fmt(r.get("vs_bound"), "{:.2f}x"),
+                    _fmt(r.get("bound_read_s") and 1e3 * r["bound_read_s"], "{:.0f}"),
                     _fmt(s.get("hit_rate"), "{:.1%}"),
                     _fmt(r.get("belady_hit_rate"), "{:.1%}"),
                     _fmt(r.get("sim_lfu_hit_rate"), "{:.1%}"),
@@ -326,7 +341,13 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
     return "\n".join(lines)
 
 
-def plot(rows, bw, path, title):
+def _pct(r) -> float:
+    return float(str(r["budget"]).rstrip("%"))
+
+
+def plot(rows, path, title):
+    """Decode tok/s per budget: prediction auto and off, each beside its
+    physical bound, all resident and llama.cpp as lines."""
     try:
         import matplotlib
 
@@ -334,38 +355,78 @@ def plot(rows, bw, path, title):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    base = next(r for r in rows if r["kind"] == "resident")
-    odm = [
-        r for r in rows if r["kind"] == "odmoe" and r.get("decode_tok_s") and "settings" not in r
-    ]
-    odm.sort(key=lambda r: r["stats"]["slots_per_layer"])
-    x = [r["stats"]["slots_per_layer"] / r["stats"]["num_experts"] * 100 for r in odm]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(x, [r["decode_tok_s"] for r in odm], "o-", label="odmoe (measured)")
-    ax.plot(x, [1 / r["bound_s"] for r in odm], "s--", label="physical bound")
-    if base.get("decode_tok_s"):
-        ax.axhline(base["decode_tok_s"], color="gray", ls=":", label="all experts resident")
+    series = {
+        "odmoe, prediction auto": lambda r: not r.get("settings"),
+        "odmoe, prediction off": lambda r: r.get("settings") == {"predictor": "off"},
+    }
+    for (label, pick), color in zip(series.items(), ("C0", "C2")):
+        pts = sorted(
+            (r for r in rows if r["kind"] == "odmoe" and r.get("decode_tok_s") and pick(r)),
+            key=_pct,
+        )
+        if not pts:
+            continue
+        x = [_pct(r) for r in pts]
+        ax.plot(x, [r["decode_tok_s"] for r in pts], "o-", color=color, label=label)
+        ax.plot(
+            x,
+            [1 / r["bound_s"] for r in pts],
+            "s:",
+            color=color,
+            alpha=0.6,
+            label=f"{label}: physical bound",
+        )
     for r in rows:
+        if r["kind"] == "resident" and r.get("decode_tok_s"):
+            ax.axhline(r["decode_tok_s"], color="gray", ls="--", label="all experts resident")
         if r["kind"] == "llamacpp" and r.get("decode_tok_s"):
-            ax.axhline(r["decode_tok_s"], color="C3", ls="-.", label="llama.cpp mmap (same cgroup)")
-        if "settings" in r and r.get("decode_tok_s"):
-            xr = r["stats"]["slots_per_layer"] / r["stats"]["num_experts"] * 100
-            ax.plot([xr], [r["decode_tok_s"]], "x", color="k", label=f"{r['name']}")
-    ax.set_xlabel("experts resident (% of all, per layer)")
+            ax.axhline(r["decode_tok_s"], color="C3", ls="-.", label=r["name"])
+    ax.set_xlabel("expert budget (% of all routed experts)")
     ax.set_ylabel("decode tokens/s")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def write_report(out: Path, meta, bw, rows, long_rows, warm_rows):
+    (out / "results.json").write_text(
+        json.dumps(
+            {"meta": meta, "disk_gb_s": bw, "rows": rows, "long": long_rows, "warm": warm_rows},
+            indent=1,
+        )
+    )
+    png = plot(rows, out / "io-bound.png", meta["title"])
+    md = markdown(meta, bw, rows, long_rows, warm_rows)
+    if png:
+        md += f"\n![decode tok/s per budget]({png.name})\n"
+    (out / "results.md").write_text(md)
+    return md
+
+
+def render(path: Path):
+    d = json.loads(path.read_text())
+    d["meta"]["notes"] = NOTES
+    bw = {mode: {int(q): v for q, v in x.items()} for mode, x in d["disk_gb_s"].items()}
+    best = max(max(v.values()) for v in bw.values())
+    record = next(r["stats"]["expert_nbytes"] for r in d["rows"] if r.get("stats"))
+    derive(d["rows"], best, record)
+    print(write_report(path.parent, d["meta"], bw, d["rows"], d["long"], d.get("warm", [])))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="odmoe model folder (an inflated testbed).")
+    p.add_argument("--model", help="odmoe model folder (an inflated testbed).")
+    p.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="Only rewrite results.md and the plot from an earlier run's results.json.",
+    )
     p.add_argument("--gguf", help="GGUF of the same model: adds llama.cpp in the same cgroup.")
     p.add_argument("--budgets", default="50%,25%,12.5%", help="Default: 50%%,25%%,12.5%%")
     p.add_argument(
@@ -391,8 +452,12 @@ def main(argv=None):
     p.add_argument("--margin", type=float, default=0.8, help="cgroup GB beyond. Default: 0.8")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--title")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
+    if not (args.model and args.out):
+        p.error("--model and --out are required")
     reason = unavailable_reason()
     if reason:
         sys.exit(f"io_bound: {reason}")
@@ -469,29 +534,11 @@ def main(argv=None):
             "versions": bench._versions(),
             "date": time.strftime("%Y-%m-%d %H:%M"),
         },
-        "notes": (
-            "Bound = max(all-resident step, missed bytes per token / disk bandwidth): no cache "
-            "policy, predictor or overlap can beat it on this disk. Belady and LFU (sim) replay "
-            "the run's own decode routes from an empty cache with the same slots per layer. "
-            "Read wait: host time the forward pass spent blocked on expert reads. Disk MB/token: "
-            "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
-            "included. One run per contender: the machine's noise is not averaged out."
-        ),
+        "notes": NOTES,
     }
     for r in rows + long_rows + warm_rows:
         r.pop("routes", None)
-    (out / "results.json").write_text(
-        json.dumps(
-            {"meta": meta, "disk_gb_s": bw, "rows": rows, "long": long_rows, "warm": warm_rows},
-            indent=1,
-        )
-    )
-    png = plot(rows, bw, out / "io-bound.png", meta["title"])
-    md = markdown(meta, bw, rows, long_rows, warm_rows)
-    if png:
-        md += f"\n![decode tok/s per budget]({png.name})\n"
-    (out / "results.md").write_text(md)
-    print(md)
+    print(write_report(out, meta, bw, rows, long_rows, warm_rows))
 
 
 if __name__ == "__main__":
