@@ -240,3 +240,29 @@ def test_moe_vs_dense_benchmark_names_an_unknown_shape(tmp_path):
     assert "error: --shapes: unknown shape 'tiny-mixtral'" in proc.stderr
     assert "tiny-qwen2-moe" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_doctor_takes_the_hit_rate_from_earlier_runs_routes_when_it_has_them(
+    synth, capsys, monkeypatch, tmp_path
+):
+    import numpy as np
+
+    from mlx_lm_odmoe import warm_start
+    from mlx_lm_odmoe.layout import load_layout
+
+    folder = synth / "model"
+    args = [str(folder), "--budget", "25%", "--json", "--disk-gbps", "1", "--compute-gbps", "1"]
+    args += ["--fixed-ms", "1", "--memory", "8GB"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert doctor.main(args) == 0
+    f = json.loads(capsys.readouterr().out)["forecast"]
+    assert f["hit_rate_from"].startswith("residency") and f["expected_hit_rate"] == f["residency"]
+    layout = load_layout(folder / "experts")
+    E = layout.num_experts
+    skewed = np.zeros(E)
+    skewed[: E // 4] = 1.0  # every route to a quarter of the experts
+    warm_start.save_counts(warm_start.counts_path(folder), {l: skewed for l in layout.moe_layers})
+    assert doctor.main(args) == 0
+    f = json.loads(capsys.readouterr().out)["forecast"]
+    assert f["hit_rate_from"].startswith("earlier runs")
+    assert f["expected_hit_rate"] == min(1.0, f["slots_per_layer"] / (E // 4))

@@ -16,12 +16,13 @@ what is left. Residency r = budget / all routed experts.
 
 Decode speed, per token:
 
-    t = A / C  +  T  +  L * k * (1 - h) * R / B
+    t = max(A / C,  L * k * (1 - h) * R / B)  +  T
 
     A  bytes of weights one token reads: resident weights (less the
        embedding table, of which one row is read) plus k experts per MoE layer
-    C  compute throughput over quantized weights, bytes/s, measured with a
-       short timed 4-bit matrix-vector product (float32 activations)
+    C  compute throughput over the experts' weights, bytes/s, measured with
+       a short timed matrix-vector product, 4-bit or float32 as the
+       experts are (float32 activations)
     T  what a token costs besides reading weights: mlx-lm's decode loop,
        every layer's kernel launches and, when not every expert is
        resident, the router's host sync and the store's bookkeeping per
@@ -30,12 +31,15 @@ Decode speed, per token:
        experts, the same share resident), written to a temporary folder and
        run by mlx-lm and this package. On small models T is most of t.
     L  MoE layers;  k  experts per token;  R  bytes per expert
-    h  expected hit rate, taken as r (uniform routing; real routers are
+    h  expected hit rate: from earlier runs' routes where the folder has
+       warm-start counts (the share of routes to each layer's most used
+       experts that fit), else taken as r (uniform routing; real routers are
        skewed, so real hit rates are usually higher)
     B  disk read bandwidth, bytes/s, measured with a short timed read of an
        expert shard bypassing the page cache (O_DIRECT)
 
-and tok/s = 1 / t. It is a forecast from three short measurements, not a
+The store overlaps the two terms (resident experts compute while misses
+are read, each miss as it lands), hence the max. tok/s = 1 / t. It is a forecast from three short measurements, not a
 benchmark: run mlx_lm_odmoe.bench for measured numbers. How it compared
 with measurements is in benchmarks/results/doctor-forecast.md; the report
 prints the range.
@@ -106,11 +110,13 @@ def sizes_from_folder(model: Path) -> Dict:
         shard = max(
             (model / EXPERTS_DIR / s["file"] for s in layout.shards), key=lambda p: p.stat().st_size
         )
+        quantized = bool(layout.quantization)
     elif stacked:
         E = config.get("num_experts") or config["n_routed_experts"]
         layers = len(_moe_layers(config))
         experts, record = stacked, stacked // (E * layers)
         shard = max(model.glob("model*.safetensors"), key=lambda p: p.stat().st_size)
+        quantized = bool(config.get("quantization"))
     else:
         raise ValueError(
             f"{model}: no experts/index.json and no stacked experts: not an MoE model folder"
@@ -125,6 +131,7 @@ def sizes_from_folder(model: Path) -> Dict:
         "embedding_bytes": _embedding_bytes(model),
         "probe_file": shard,
         "kv_bytes": _float_bytes(config),
+        "experts_quantized": quantized,
     }
 
 
@@ -359,29 +366,43 @@ def _timed_read(path: Path, nbytes: int) -> Dict:
     }
 
 
-def compute_bandwidth(seconds: float = 0.8) -> Dict:
-    """Weight bytes/s of a 4-bit matrix-vector product, as decode does: the
-    median of short timed chains, so a moment of competition for the cores
-    does not decide it."""
+def compute_bandwidth(seconds: float = 0.8, quantized: bool = True) -> Dict:
+    """Weight bytes/s of a matrix-vector product as decode does it, 4-bit
+    or float32 as the model's experts are: the median of short timed
+    chains, so a moment of competition for the cores does not decide it."""
     import mlx.core as mx
 
     D, N = 4096, 8192
     w = mx.random.normal((N, D), dtype=mx.float32) * 0.02
-    wq, s, b = mx.quantize(w, 64, 4)
     x = mx.random.normal((1, D), dtype=mx.float32)
-    mx.eval(wq, s, b, x)
-    nbytes = wq.nbytes + s.nbytes + b.nbytes
-    mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))  # warm
+    if quantized:
+        wq, s, b = mx.quantize(w, 64, 4)
+        nbytes = wq.nbytes + s.nbytes + b.nbytes
+
+        def matvec(v):
+            return mx.quantized_matmul(v, wq, s, b, transpose=True, group_size=64, bits=4)
+
+        mx.eval(wq, s, b, x)
+    else:
+        nbytes = w.nbytes
+
+        def matvec(v):
+            return v @ w.T
+
+        mx.eval(w, x)
+    mx.eval(matvec(x))  # warm
     rates, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds or len(rates) < 3:
         t0, y = time.perf_counter(), x
         for _ in range(2):  # a chain, like layers: each waits for the last
-            y = mx.quantized_matmul(
-                x + y[:, :1] * 0, wq, s, b, transpose=True, group_size=64, bits=4
-            )[:, :D]
+            y = matvec(x + y[:, :1] * 0)[:, :D]
         mx.eval(y)
         rates.append(2 * nbytes / (time.perf_counter() - t0))
-    return {"bytes_per_s": statistics.median(rates), "device": str(mx.default_device())}
+    return {
+        "bytes_per_s": statistics.median(rates),
+        "device": str(mx.default_device()),
+        "weights": "4-bit" if quantized else "float32",
+    }
 
 
 # The narrow twin: this architecture with every width cut to TWIN_WIDTH and
@@ -473,6 +494,31 @@ def twin_decode_seconds(config: dict, residency: float, tokens: int = 24, warmup
 # -- forecast ---------------------------------------------------------------------
 
 
+def expected_hit_rate(counts: Dict, slots: int) -> float:
+    """Share of routes that went to each layer's ``slots`` most used experts:
+    what a frequency-keeping cache of that size would hit on such routing."""
+    import numpy as np
+
+    shares = []
+    for c in counts.values():
+        c = np.sort(np.asarray(c, dtype=np.float64))[::-1]
+        if c.sum() > 0:
+            shares.append(c[:slots].sum() / c.sum())
+    return float(np.mean(shares)) if shares else 0.0
+
+
+def route_counts(model: Path, sizes: Dict) -> Optional[Dict]:
+    """The warm-start counts earlier runs of ``model`` saved, if any."""
+    from .. import warm_start
+
+    layout = load_layout(model / EXPERTS_DIR) if (model / EXPERTS_DIR).is_dir() else None
+    if layout is None:
+        return None
+    return warm_start.load_counts(
+        warm_start.counts_path(model), layout.moe_layers, layout.num_experts
+    )
+
+
 def forecast(
     sizes: Dict,
     memory: int,
@@ -522,7 +568,11 @@ def forecast(
     }
     if disk_bps and compute_bps and fixed_s is not None and out["runs"]:
         active = resident - sizes.get("embedding_bytes", 0) + top_k * R * L
-        h = r
+        h, out["hit_rate_from"] = r, "residency (uniform routing: pessimistic)"
+        counts = sizes.get("route_counts")
+        if counts and slots < E:
+            h = expected_hit_rate(counts, int(slots))
+            out["hit_rate_from"] = "earlier runs' routes (warm-start counts)"
         t_compute = active / compute_bps
         t_disk = L * top_k * (1 - h) * R / disk_bps
         out.update(
@@ -531,7 +581,9 @@ def forecast(
             t_compute_s=t_compute,
             t_disk_s=t_disk,
             t_fixed_s=fixed_s,
-            tok_s=1.0 / (t_compute + fixed_s + t_disk),
+            # The store computes resident experts while misses are read and
+            # each miss as it lands: compute and reads overlap.
+            tok_s=1.0 / (max(t_compute, t_disk) + fixed_s),
         )
     return out
 
@@ -590,7 +642,8 @@ def report(name: str, f: Dict, probes: Dict) -> str:
         lines.append(
             f"  per token: {_gb(f['active_bytes_per_token'])} of weights -> {f['t_compute_s'] * 1e3:.1f} ms compute, "
             f"{f['t_fixed_s'] * 1e3:.1f} ms fixed costs, "
-            f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f})"
+            f"{f['t_disk_s'] * 1e3:.1f} ms disk (hit rate ~{f['expected_hit_rate']:.2f}, "
+            f"from {f['hit_rate_from']})"
         )
         lines.append(f"  expected decode       {f['tok_s']:.2f} tok/s")
         lines.append(f"  how far to trust it   {TRUST}")
@@ -673,6 +726,7 @@ def main(argv=None):
     try:
         if args.model:
             sizes = sizes_from_folder(Path(args.model))
+            sizes["route_counts"] = route_counts(Path(args.model), sizes)
             check_folder(Path(args.model))
             name = args.model
         else:
@@ -696,7 +750,7 @@ def main(argv=None):
         if args.disk_gbps is None:
             probes["disk"] = disk_bandwidth(sizes["probe_file"], args.probe_mb * 2**20)
         if args.compute_gbps is None:
-            probes["compute"] = compute_bandwidth()
+            probes["compute"] = compute_bandwidth(quantized=sizes.get("experts_quantized", True))
     disk = args.disk_gbps * 1e9 if args.disk_gbps else (probes.get("disk") or {}).get("bytes_per_s")
     compute = (
         args.compute_gbps * 1e9
