@@ -333,15 +333,20 @@ def configure_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Quantize (MLX affine) the model, experts included.",
     )
+    # As mlx_lm.convert's: affine quantization, its defaults when not given.
     p.add_argument(
         "--q-group-size",
         type=int,
-        default=64,
+        default=None,
         choices=(32, 64, 128),
         help="Quantization group size. Default: 64",
     )
     p.add_argument(
-        "--q-bits", type=int, default=4, choices=(4, 8), help="Bits per weight. Default: 4"
+        "--q-bits",
+        type=int,
+        default=None,
+        choices=(2, 3, 4, 5, 6, 8),
+        help="Bits per weight. Default: 4",
     )
     p.add_argument(
         "--dtype",
@@ -367,8 +372,8 @@ def main(argv=None):
             args.hf_path or args.gguf,
             args.mlx_path,
             quantize=args.quantize,
-            q_group_size=args.q_group_size,
-            q_bits=args.q_bits,
+            q_group_size=args.q_group_size or 64,
+            q_bits=args.q_bits or 4,
             dtype=args.dtype,
             shard_size_gb=args.shard_size_gb,
             force=args.force,

@@ -21,6 +21,7 @@ from typing import Optional
 from ..block import OnDemandSwitchGLU
 from ..model_types import STOCK_ALIASES
 from .common import install_on_demand_blocks, open_at_load, register_config
+from .hf_layouts import as_sanitize_reads
 
 
 def odmoe_args(stock_args: type, module: str) -> type:
@@ -48,9 +49,12 @@ class OnDemandModel:
         super().__init__(args)
         self.expert_runtime = install_on_demand_blocks(self, args)
 
+    stock_base = None  # mlx-lm's model type, set by build_module
+
     def stock_sanitize(self, weights: dict) -> dict:
         """mlx-lm's sanitize: checkpoint names and layouts to the model's,
         routed experts stacked (lazily) as the stock switch layers hold them."""
+        weights = as_sanitize_reads(self.stock_base, weights)
         return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
 
     def without_routed(self, weights: dict) -> dict:
@@ -73,7 +77,9 @@ def build_module(base: str, name: str) -> types.ModuleType:
     stock = importlib.import_module(f"mlx_lm.models.{base}")
     module = types.ModuleType(name, f"{name}: mlx-lm's {base} with on-demand routed experts.")
     module.ModelArgs = odmoe_args(stock.ModelArgs, name)
-    module.Model = type("Model", (OnDemandModel, stock.Model), {"__module__": name})
+    module.Model = type(
+        "Model", (OnDemandModel, stock.Model), {"__module__": name, "stock_base": base}
+    )
     if hasattr(stock, "TOKENIZER_DEFAULTS"):
         module.TOKENIZER_DEFAULTS = stock.TOKENIZER_DEFAULTS
     _register_transformers_config(name.rpartition(".")[2], base)
