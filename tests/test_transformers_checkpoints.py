@@ -269,3 +269,19 @@ def test_mlx_lm_generate_runs_converted_folders(converted):
         assert proc.returncode == 0, proc.stderr[-3000:]
         text = proc.stdout.split("==========")[1].strip()
         assert text, (family, proc.stdout)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_mlx_lm_folder_of_a_transformers_5_checkpoint_runs_right(checkpoints, converted, family):
+    """mlx_lm.convert copies the transformers 5 config as it is; in place and
+    converted again, odmoe reads its rope (stock mlx-lm does not)."""
+    torch_model, _ = checkpoints(family)
+    stock_folder = converted(family, "5", "stock")
+    want = _torch_logits(torch_model)
+    in_place, _ = mlx_lm_odmoe.load(stock_folder)
+    assert np.abs(want - _mlx_logits(in_place)).max() <= 1e-4
+    out = stock_folder.parent / f"{stock_folder.name}-odmoe"
+    assert main(["--hf-path", str(stock_folder), "--mlx-path", str(out)]) == 0
+    assert np.abs(want - _mlx_logits(mlx_lm_odmoe.load(out)[0])).max() <= 1e-4
+    stock, _ = mlx_lm.load(str(stock_folder))
+    assert np.abs(want - _mlx_logits(stock)).max() > 1e-2
