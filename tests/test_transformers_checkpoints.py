@@ -285,3 +285,61 @@ def test_mlx_lm_folder_of_a_transformers_5_checkpoint_runs_right(checkpoints, co
     assert np.abs(want - _mlx_logits(mlx_lm_odmoe.load(out)[0])).max() <= 1e-4
     stock, _ = mlx_lm.load(str(stock_folder))
     assert np.abs(want - _mlx_logits(stock)).max() > 1e-2
+
+
+# Every tiny architecture config transformers has a causal-LM class for,
+# built by that class and saved by it (transformers 5 style).
+ARCHS_DIR = Path(__file__).parent / "data" / "archs"
+ARCHS = sorted(p.stem for p in ARCHS_DIR.glob("*.json"))
+# Where stock mlx-lm's model gives the same logits as ours (or refuses the
+# checkpoint as well), and transformers' differ.
+STOCK_DIFFERS = {
+    "deepseek_v32": "stock mlx-lm's logits are ours, 0.1 from transformers' (sparse-attention indexer)",
+    "ernie4_5_moe": "stock mlx-lm's logits are ours, 1.0 from transformers'",
+    "jamba": "stock mlx-lm's logits are ours, 1.4 from transformers'",
+    "phimoe": "stock mlx-lm's logits are ours, 2.3 from transformers' (longrope)",
+    "gpt_oss": "mlx-lm's yarn rope ignores rope_scaling.truncate = false: 6e-3 from transformers'",
+    "lfm2_moe": "transformers saves an lm_head mlx-lm's lfm2_moe lacks (stock refuses it too)",
+    "mimo_v2_flash": "transformers' attention_sink_bias is not in mlx-lm's model (stock refuses it too)",
+    "llama4": "transformers saves the text model as llama4_text, a type mlx-lm lacks",
+    "gemma4_text": "config restructured by transformers 5 (see test_config_fidelity)",
+    "granitemoehybrid": "config restructured by transformers 5 (see test_config_fidelity)",
+}
+
+
+def _transformers_model(arch):
+    config = json.loads((ARCHS_DIR / f"{arch}.json").read_text())
+    kwargs = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        hf_config = transformers.AutoConfig.for_model(config["model_type"], **kwargs)
+        hf_config.initializer_range = _COMMON["initializer_range"]
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, AssertionError) as e:  # no such class, or not from this config
+        pytest.skip(f"transformers builds no causal LM from {arch}.json: {str(e)[:80]}")
+    model = model.eval().float()
+    _randomize_biases(model)
+    prompt = [t % config["vocab_size"] for t in PROMPT]
+    try:
+        with torch.no_grad():
+            return model, prompt, model(torch.tensor([prompt])).logits[0].numpy()
+    except RuntimeError as e:
+        pytest.skip(f"transformers' {arch} does not run on this tiny config: {str(e)[:80]}")
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.xfail(reason=STOCK_DIFFERS[a], strict=True))
+        if a in STOCK_DIFFERS
+        else a
+        for a in ARCHS
+    ],
+)
+def test_every_architecture_saved_by_transformers_matches_it(arch, tmp_path):
+    model, prompt, want = _transformers_model(arch)
+    model.save_pretrained(tmp_path / "hf")
+    write_tokenizer(tmp_path / "hf")
+    assert main(["--hf-path", str(tmp_path / "hf"), "--mlx-path", str(tmp_path / "odmoe")]) == 0
+    got = mlx_lm_odmoe.load(tmp_path / "odmoe")[0](mx.array([prompt]))[0]
+    assert np.abs(want - np.array(got)).max() <= 1e-4
