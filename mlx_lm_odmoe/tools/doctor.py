@@ -65,8 +65,10 @@ MIN_PROBE_BYTES = 64 * 2**20  # smaller files time the call, not the disk
 # Measured decode / this forecast on the checks in
 # benchmarks/results/doctor-forecast.md; update both together.
 TRUST = (
-    "measured decode was 0.74-1.31x this forecast on the shipped models (idle to lightly loaded CPU); "
-    "not yet checked where disk reads dominate: measure with mlx_lm_odmoe.bench"
+    "measured decode was 0.74-1.31x this forecast on the shipped models (page cache) and "
+    "0.93-1.69x on I/O-bound models (experts streamed from disk, hit rate from earlier runs' "
+    "counts; without counts the uniform hit rate makes it several times too low): "
+    "measure with mlx_lm_odmoe.bench or benchmarks/io_bound.py"
 )
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -475,7 +477,7 @@ def twin_decode_seconds(config: dict, residency: float, tokens: int = 24, warmup
         model, _ = load(
             path,
             expert_cache=slots * layout.record_nbytes * L,
-            model_config={"odmoe": {"drop_page_cache": True}},
+            model_config={"odmoe": {"drop_page_cache": True, "warm_start": False}},
         )
         stamps = []
         for _ in generate_step(mx.array(list(range(1, 17))), model, max_tokens=warmup + tokens + 1):
