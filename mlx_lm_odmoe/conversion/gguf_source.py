@@ -628,16 +628,15 @@ class GGUFSource:
     # tokenizer
 
     def write_tokenizer(self, out: Path):
-        """Write tokenizer.json (+ tokenizer_config.json, chat template) to ``out``."""
+        """Write tokenizer.json (+ tokenizer_config.json, chat template) to
+        ``out``: rebuilt from the metadata, whose ``tokenizer.ggml.pre`` names
+        the pre-tokenizer (transformers' GGUF reader, tried where the rebuild
+        cannot be made, imposes the architecture's own instead)."""
         try:
-            tokenizer = _transformers_tokenizer(self.parts[0])
-        except Exception as e:  # transformers' GGUF support is partial and needs torch
-            logger.info(
-                "transformers cannot build the tokenizer of %s (%s); building it from metadata",
-                self.path,
-                e,
-            )
             tokenizer = build_tokenizer(self.value)
+        except GGUFError as e:
+            logger.info("%s: %s; reading the tokenizer with transformers", self.path, e)
+            tokenizer = _transformers_tokenizer(self.parts[0])
         template = self.value("tokenizer.chat_template", None)
         if template and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = template
