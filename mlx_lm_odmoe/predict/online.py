@@ -16,9 +16,14 @@ the true top-k) on ``bias`` and ``gate`` per arrival:
 
 * ``bias`` tracks which experts this request's text uses, what the trained
   head's own bias learned only for the training text;
-* ``gate`` shrinks the correction where it hurts on this text, so the
-  scores fall back towards the free lookahead instead of staying worse;
-* ``pair`` [E, E] (when ``pair_lr`` > 0) learns this text's co-occurrence
+* ``gate`` switches the correction off where it ranks worse than the free
+  lookahead on this text: each arrival also scores both rankings' top-k,
+  and the gate is 1 while the shadow's decayed recall (rate
+  ``switch_rate``) is at least the lookahead's, else 0. (The loss gradient
+  is a poor judge of that: a correction that sharpens a flat sigmoid prior
+  lowers the cross-entropy while it ranks worse. With ``switch_rate`` 0
+  the gate is learned by SGD at ``gate_lr`` instead.)
+* ``pair`` [E, E] (unless ``pair_lr`` is 0) learns this text's co-occurrence
   of layer L's experts with layer t's, on top of the trained one.
 
 Both decay towards their start and are reset per request. The arithmetic is
@@ -34,7 +39,8 @@ import numpy as np
 DEFAULTS = {
     "bias_lr": 0.3,
     "gate_lr": 0.02,
-    "pair_lr": 0.0,
+    "pair_lr": 0.3,
+    "switch_rate": 0.05,
     "decay": 0.002,
     "bias_clip": 4.0,
     "gate_max": 1.5,
@@ -55,7 +61,7 @@ class OnlineCorrection:
         self.num_experts, self.distance, self.xp = num_experts, distance, xp
         s = {**DEFAULTS, **settings}
         self.bias_lr, self.gate_lr, self.decay = s["bias_lr"], s["gate_lr"], s["decay"]
-        self.pair_lr = s["pair_lr"]
+        self.pair_lr, self.switch_rate = s["pair_lr"], s["switch_rate"]
         self.bias_clip, self.gate_max = s["bias_clip"], s["gate_max"]
         self.reset()
 
@@ -63,6 +69,7 @@ class OnlineCorrection:
         self._gate: Dict[int, object] = {}  # source -> [distance, 1]
         self._bias: Dict[int, object] = {}  # source -> [distance, E]
         self._pair: Dict[int, object] = {}  # source -> [distance, E (at L), E (at t)]
+        self._recall: Dict[int, object] = {}  # source -> [distance, 2]: shadow, lookahead
         self._pending: Dict[int, List[tuple]] = {}
 
     def terms(self, source: int, targets: List[int], cur=None):
@@ -81,16 +88,21 @@ class OnlineCorrection:
             xp = self.xp
             self._gate[source] = xp.ones((self.distance, 1), dtype=xp.float32)
             self._bias[source] = xp.zeros((self.distance, self.num_experts), dtype=xp.float32)
+            self._recall[source] = xp.zeros((self.distance, 2), dtype=xp.float32)
             if self.pair_lr:
                 E = self.num_experts
                 self._pair[source] = xp.zeros((self.distance, E, E), dtype=xp.float32)
         return self._gate[source], self._bias[source]
 
-    def remember(self, source: int, targets: List[int], scores, correction, cur=None):
-        """Keep ``scores`` and ``correction`` ([N, m, E]) until each target's
-        true ids arrive (and ``cur``, the source's own ids, for pairs)."""
+    def remember(self, source, targets, scores, correction, cur=None, lookahead=None):
+        """Keep ``scores``, ``correction`` and ``lookahead`` (the prior's
+        term, [N, m, E]) until each target's true ids arrive, and ``cur``
+        (the source's own ids) for pairs."""
         for j, t in enumerate(targets):
-            self._pending.setdefault(t, []).append((source, j, scores[:, j], correction[:, j], cur))
+            look = None if lookahead is None else lookahead[:, j]
+            self._pending.setdefault(t, []).append(
+                (source, j, scores[:, j], correction[:, j], cur, look)
+            )
 
     def learn(self, layer: int, truth) -> None:
         """One step on every prediction made for ``layer``, whose true top-k
@@ -101,18 +113,32 @@ class OnlineCorrection:
         xp = self.xp
         truth = truth.reshape(-1, truth.shape[-1])
         target = _hot(xp, truth, self.num_experts) / truth.shape[-1]
-        for source, j, scores, corr, cur in waiting:
+        for source, j, scores, corr, cur, look in waiting:
             if scores.shape[0] != truth.shape[0]:
                 continue  # rows of another pass (a new prompt): nothing to learn
-            g = _softmax(xp, scores) - target  # d loss / d scores, per row
             gate, bias = self._state(source)
+            # The bias and pairs learn for the scores with the gate open.
+            full = scores if look is None else look + corr
+            g = _softmax(xp, full) - target  # d loss / d scores, per row
             b = bias[j] * (1 - self.decay) - self.bias_lr * g.mean(axis=0)
-            a = gate[j] + self.decay * (1.0 - gate[j])
-            a = a - self.gate_lr * (g * corr).sum(axis=-1).mean(axis=0, keepdims=True)
+            if self.switch_rate and look is not None:
+                gate[j] = self._switch(self._recall[source], j, full, look, truth)
+            else:
+                g = _softmax(xp, scores) - target
+                a = gate[j] + self.decay * (1.0 - gate[j])
+                a = a - self.gate_lr * (g * corr).sum(axis=-1).mean(axis=0, keepdims=True)
+                gate[j] = xp.clip(a, 0.0, self.gate_max)
             bias[j] = xp.clip(b, -self.bias_clip, self.bias_clip)
-            gate[j] = xp.clip(a, 0.0, self.gate_max)
             if self.pair_lr and cur is not None:
                 self._learn_pair(self._pair[source], j, cur, g)
+
+    def _switch(self, recall, j, full, look, truth):
+        """1 while the full scores' decayed top-k recall is at least the
+        lookahead's (ties keep the trained model), else 0; shape [1]."""
+        xp, r = self.xp, self.switch_rate
+        hits = xp.stack([_recall(xp, full, truth), _recall(xp, look, truth)])
+        recall[j] = (1 - r) * recall[j] + r * hits
+        return (recall[j][:1] >= recall[j][1:]).astype(xp.float32)
 
     def _learn_pair(self, pair, j, cur, g):
         """pair[j][c] -= lr * g for each row's own experts c (distinct per row)."""
@@ -126,6 +152,13 @@ class OnlineCorrection:
         else:
             pair[j] *= 1 - self.decay
             np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
+
+
+def _recall(xp, scores, truth):
+    """Mean |top-k(scores) ∩ truth| / k over the rows."""
+    k = truth.shape[-1]
+    top = xp.argpartition(-scores, k - 1, axis=-1)[:, :k]
+    return (top[:, :, None] == truth[:, None, :]).any(axis=-1).astype(xp.float32).mean() * 1.0
 
 
 def _softmax(xp, s):

@@ -175,8 +175,8 @@ class ShadowModel(ExpertPredictor):
             x = hidden if hidden.dtype == mx.float32 else hidden.astype(mx.float32)
             step = self._step(layer, tuple(targets), select)
             if adapt:
-                res, scores, corr = step(x, topk, prev, *adapt.terms(layer, targets, topk))
-                adapt.remember(layer, targets, scores, corr, topk)
+                res, scores, corr, look = step(x, topk, prev, *adapt.terms(layer, targets, topk))
+                adapt.remember(layer, targets, scores, corr, topk, look)
             else:
                 res = step(x, topk, prev)
             out = {t: res[:, j] for j, t in enumerate(targets)}
@@ -193,7 +193,7 @@ class ShadowModel(ExpertPredictor):
         """fn(x [N, D], own ids [N, k], previous ids [N, n, k]) -> logits
         [N, n, E], or with ``select`` (a min probability) guesses [N, n, k].
         With online correction, fn(x, own, previous, gate [n, 1], bias
-        [n, E]) -> (that, logits, correction [N, n, E])."""
+        [n, E]) -> (that, logits, correction, lookahead term [N, n, E])."""
         net_layer, E = self.net.layer_for(layer), self.net.config["num_experts"]
         m = len(targets)
 
@@ -204,8 +204,11 @@ class ShadowModel(ExpertPredictor):
             # In the host step's order of additions: both guess alike.
             if gate is None:
                 return finish(corr + prior + prev, k)
-            out = gate * corr + prior + bias + prev
-            return finish(out, k), out, corr
+            # The gate scales everything but the lookahead: at 0 the
+            # scores rank exactly as the lookahead does.
+            resid = corr + bias + prev
+            out = prior + gate * resid
+            return finish(out, k), out, resid, prior
 
         if not self._fuse:
 
@@ -297,9 +300,9 @@ class ShadowModel(ExpertPredictor):
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
             x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
             online = adapt.terms(layer, targets, topk) if adapt else None
-            ids, scores, corr = step(x, topk, prev, min_prob, online)
+            ids, scores, corr, look = step(x, topk, prev, min_prob, online)
             if adapt:
-                adapt.remember(layer, targets, scores, corr, topk)
+                adapt.remember(layer, targets, scores, corr, topk, look)
             out = {t: ids[:, j] for j, t in enumerate(targets)}
         self._host_last[layer] = topk
         return out
@@ -350,22 +353,25 @@ class _HostStep:
         # which neither the top-k nor the probabilities can see.
         prior = 1.0 / (1.0 + np.exp(-z)) + self.bias if self.sigmoid else z
         corr = (h @ self.head_w + self.head_b).reshape(n, m, E)
+        look = self.a * prior
         if online is None:
-            out = corr + self.a * prior
+            out = resid = corr + look
         else:
             gate, bias = online
-            out = gate * corr + self.a * prior + bias
+            resid = corr + bias
         if (prev >= 0).all():  # router picks are distinct: no repeated index
-            out[rows, js, prev] += self.p
+            resid[rows, js, prev] += self.p
         else:
             i, j, c = np.nonzero(prev >= 0)
-            out[i, j, prev[i, j, c]] += self.p[j, 0]
+            resid[i, j, prev[i, j, c]] += self.p[j, 0]
+        if online is not None:  # as the MLX step: the gate leaves the lookahead alone
+            out = look + gate * resid
         ids = np.argpartition(-out, k - 1, axis=-1)[..., :k]
         if min_prob > 0:  # softmax(out)[ids] >= min_prob, without normalizing every expert
             e = np.exp(out - out.max(axis=-1, keepdims=True))
             keep = e[rows, js, ids] >= min_prob * e.sum(axis=-1, keepdims=True)
             ids = np.where(keep, ids, -1)
-        return ids, out, corr
+        return ids, out, resid, look
 
     def _grid(self, n, m, k):
         """Index grids that address [n, m, k] picks of an [n, m, E] array."""
