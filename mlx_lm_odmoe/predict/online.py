@@ -151,7 +151,10 @@ class OnlineCorrection:
             )
         else:
             pair[j] *= 1 - self.decay
-            np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
+            if cur.shape[0] == 1:  # decode: one row, distinct ids, no repeated index
+                pair[j][cur[0]] += step[0]
+            else:
+                np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
 
 
 def _recall(xp, scores, truth):
