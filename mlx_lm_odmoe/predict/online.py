@@ -120,9 +120,11 @@ class OnlineCorrection:
             # The bias and pairs learn for the scores with the gate open.
             full = scores if look is None else look + corr
             g = _softmax(xp, full) - target  # d loss / d scores, per row
-            b = bias[j] * (1 - self.decay) - self.bias_lr * g.mean(axis=0)
+            mean_g = g[0] if g.shape[0] == 1 else g.mean(axis=0)  # decode: skip a reduction
+            b = bias[j] * (1 - self.decay) - self.bias_lr * mean_g
             if self.switch_rate and look is not None:
-                gate[j] = self._switch(self._recall[source], j, full, look, truth)
+                k = truth.shape[-1]
+                gate[j] = self._switch(self._recall[source], j, full, look, target, k)
             else:
                 g = _softmax(xp, scores) - target
                 a = gate[j] + self.decay * (1.0 - gate[j])
@@ -132,13 +134,19 @@ class OnlineCorrection:
             if self.pair_lr and cur is not None:
                 self._learn_pair(self._pair[source], j, cur, g)
 
-    def _switch(self, recall, j, full, look, truth):
+    def _switch(self, recall, j, full, look, target, k):
         """1 while the full scores' decayed top-k recall is at least the
         lookahead's (ties keep the trained model), else 0; shape [1]."""
         xp, r = self.xp, self.switch_rate
-        hits = xp.stack([_recall(xp, full, truth), _recall(xp, look, truth)])
-        recall[j] = (1 - r) * recall[j] + r * hits
-        return (recall[j][:1] >= recall[j][1:]).astype(xp.float32)
+        if xp is mx:
+            hits = mx.stack([_recall(mx, full, target, k), _recall(mx, look, target, k)])
+            recall[j] = (1 - r) * recall[j] + r * hits
+            return (recall[j][:1] >= recall[j][1:]).astype(mx.float32)
+        rec = recall[j]  # numpy: two scalars, updated in place
+        rec *= 1 - r
+        rec[0] += r * _recall(np, full, target, k)
+        rec[1] += r * _recall(np, look, target, k)
+        return np.float32(rec[0] >= rec[1])
 
     def _learn_pair(self, pair, j, cur, g):
         """pair[j][c] -= lr * g for each row's own experts c (distinct per row)."""
@@ -157,11 +165,15 @@ class OnlineCorrection:
                 np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
 
 
-def _recall(xp, scores, truth):
-    """Mean |top-k(scores) ∩ truth| / k over the rows."""
-    k = truth.shape[-1]
+def _recall(xp, scores, target, k):
+    """Mean |top-k(scores) ∩ truth| / k over the rows; ``target`` is the
+    truth's multi-hot over k, so the top-k's share of it is the recall."""
     top = xp.argpartition(-scores, k - 1, axis=-1)[:, :k]
-    return (top[:, :, None] == truth[:, None, :]).any(axis=-1).astype(xp.float32).mean() * 1.0
+    if xp is mx:
+        return mx.take_along_axis(target, top, axis=-1).sum() / scores.shape[0]
+    if scores.shape[0] == 1:  # decode: plain indexing is several times cheaper
+        return float(target[0, top[0]].sum())
+    return float(target[np.arange(len(top))[:, None], top].sum()) / len(top)
 
 
 def _softmax(xp, s):

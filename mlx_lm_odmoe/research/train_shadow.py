@@ -289,6 +289,7 @@ def run(args, model_path: Path, out: Path, replaced):
     for old in replaced:  # only now that a new one is ready
         old.replace(old.with_name(old.name + ".bak"))
         print(f"kept the previous {old.name} as {old.name}.bak")
+    info["traces"] = [Path(p).name for p in args.traces]
     path = save_shadow(net, out, {"training": info})
     nparams = sum(v.size for _, v in tree_flatten(net.parameters()))
     k2 = parameter_count(7168, 384, 60, args.distance, args.rank)
