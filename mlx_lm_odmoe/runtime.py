@@ -111,7 +111,8 @@ class ExpertRuntime:
         layers = self._layers(layout)
         plan = self._plan(layout, len(layers))
         # Before the predictor's read probe, so that it reads as the store will.
-        reader.set_direct_io(self._direct_io(layout, plan))
+        self.direct_io = self._direct_io(layout, plan)  # staging leaves the total as it is
+        reader.set_direct_io(self.direct_io)
         if plan.slots < layout.num_experts and self.predictor is None:
             self.predictor = self._load_predictor(reader)
         if self.predictor is not None and self.settings.prefetch_into == "staging":
@@ -120,8 +121,6 @@ class ExpertRuntime:
                 self.predictor = None
                 self.prefetch_state = "off (the budget leaves no staging slots)"
         self.budget = plan.budget_bytes
-        self.direct_io = self._direct_io(layout, plan)
-        reader.set_direct_io(self.direct_io)
         telemetry = Telemetry(layout.moe_layers, layout.num_experts, self.settings.log_interval)
         store = CachedStore(
             reader,

@@ -192,6 +192,10 @@ class Telemetry:
             self.evictions += n
 
     # -- reading -----------------------------------------------------------
+    def lifetime_use_of(self, layer: int) -> np.ndarray:
+        """Routes per expert of ``layer`` since start (a live view)."""
+        return self.lifetime_use[self._row[layer]]
+
     def routes_per_layer(self) -> Dict[int, np.ndarray]:
         """{layer: routes per expert} since start (folds parked routes if
         called on the computing thread)."""

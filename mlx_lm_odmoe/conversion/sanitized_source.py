@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx_lm_odmoe.block import OnDemandSwitchGLU
 from mlx_lm_odmoe.switches import switch_layers_of
 
-from .sources import read_config, weight_files
+from .checkpoint_files import read_config, weight_files
 
 
 class SanitizedSource:

@@ -28,47 +28,11 @@ from mlx_lm_odmoe.layout import (
 from mlx_lm_odmoe.model_types import DEDICATED, STOCK_TYPE_OF, is_odmoe_type, odmoe_type_of_config
 from mlx_lm_odmoe.models.common import is_expert_key
 
+from .checkpoint_files import read_config, text_config, weight_files  # noqa: F401 (re-exported)
+
 _EXPERT_RE = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(\w+)$")
 # DeepSeek-V3 style checkpoints call the projections w1/w2/w3 in some exports.
 _PROJ_ALIASES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-
-
-def read_config(path: Path) -> dict:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        raise FileNotFoundError(f"{cfg} not found: is {path} a model folder?")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg}: not valid JSON ({e})") from e
-
-
-def text_config(config: dict) -> dict:
-    """K2.5-style configs nest the language model under text_config."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and "hidden_size" in text:
-        return {**text, "model_type": text.get("model_type", config.get("model_type"))}
-    return dict(config)
-
-
-def weight_files(path: Path):
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: malformed index ({e!r})") from e
-        files = [path / n for n in names]
-        for f in files:
-            if f.resolve().parent != path.resolve():
-                raise ValueError(f"{index}: {f.name} points outside {path}")
-            if not f.exists():
-                raise FileNotFoundError(f"{f} is listed in {index.name} but missing")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weight files")
-    return files
 
 
 class HFSource:

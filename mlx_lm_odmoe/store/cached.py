@@ -256,7 +256,7 @@ class CachedStore(ExpertStore):
         """The order a pass that cannot hold all of ``experts`` at once
         should bring them in: coldest first, by this run's routes plus
         earlier runs' counts (warm start), so the hottest stay resident."""
-        use = self.telemetry.lifetime_use[self.telemetry._row[layer]][experts].astype(np.float64)
+        use = self.telemetry.lifetime_use_of(layer)[experts].astype(np.float64)
         prior = self.prior_counts.get(layer)
         if prior is not None:
             use = use + prior[experts]
