@@ -157,26 +157,34 @@ class OnDemandSwitchGLU(nn.Module):
         store.telemetry.record_routes(self.layer, ids)
         store.telemetry.score_prediction(self.layer, experts)
         if len(experts) <= store.capacity(self.layer):
-            y = self._routed(store, x, ids, experts)
+            # Guesses for the next layers are read once this layer's own
+            # misses are queued and its resident experts are computing.
+            then = None if guesses_of is None else lambda: self._prefetch(store, guesses_of(ids))
+            y = self._routed(store, x, ids, experts, then)
             # Start the experts now: they compute while Python builds the
             # rest of the layer and the next one up to its router's sync.
             mx.async_eval(y)
-            if guesses_of is not None:  # reads overlap this layer's compute
-                self._prefetch(store, guesses_of(ids))
             return y
         return self._expert_major(store, x, ids, experts)
 
-    def _routed(self, store, x, ids, experts):
-        """The routed experts' outputs [..., k, D] for routes ``ids``."""
+    def _routed(self, store, x, ids, experts, then=None):
+        """The routed experts' outputs [..., k, D] for routes ``ids``;
+        ``then()`` runs once the outputs that need no read are started."""
+        then = then or (lambda: None)
         begin = getattr(store, "begin_fetch", None)
         if begin is None:
             pool, slots = store.fetch(self.layer, experts)
-            return self._run(store, pool, x, mx.array(_slot_ids(store, experts, slots, ids)))
+            y = self._run(store, pool, x, mx.array(_slot_ids(store, experts, slots, ids)))
+            then()
+            return y
         f = begin(self.layer, experts)
         slot_ids = _slot_ids(store, experts, f.slots, ids)
         if not f.pending or ids.size != ids.shape[-1]:
             f.wait_all()
-            return self._run(store, f.pool, x, mx.array(slot_ids))
+            y = self._run(store, f.pool, x, mx.array(slot_ids))
+            mx.async_eval(y)
+            then()
+            return y
         # One token whose reads are still landing: each expert computes as
         # soon as its weights are in, the resident ones first, while the
         # rest are read. Every route's output still comes from its expert's
@@ -197,6 +205,7 @@ class OnDemandSwitchGLU(nn.Module):
         resident = [j for j, i in enumerate(route_pos) if i not in f.pending]
         if resident:
             run(resident)
+        then()
         while f.pending:
             i = f.wait_any()
             run([j for j, p in enumerate(route_pos) if p == i])

@@ -164,6 +164,12 @@ class Telemetry:
             self.prefetched_bytes += nbytes
             self.bytes_read += nbytes
 
+    def record_withdrawn(self, nbytes: int):
+        """A guess taken back before its read started: never read."""
+        with self._lock:
+            self.prefetched_bytes -= nbytes
+            self.bytes_read -= nbytes
+
     def record_prefetch_hits(self, n: int):
         with self._lock:
             self.prefetch_hits += n

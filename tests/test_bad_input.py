@@ -375,3 +375,17 @@ def test_log_interval_summaries_appear_under_mlx_lm_generate():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[mlx_lm_odmoe] experts: hit rate 1.000" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_corrupt_bytes_read_in_pieces_fail_the_checksum(folder):
+    """A record read in pieces is checked once all of it is in."""
+    shard = shard_of(folder)
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the last expert's record
+    shard.write_bytes(bytes(data))
+    model, _ = mlx_lm_odmoe.load(folder, expert_cache="min")
+    store = model.expert_runtime.store
+    store.inline_read_s, store.split_bytes = -1, 4096
+    with pytest.raises(ExpertReadError, match=f"{shard.name}.*layer 2 expert 7.*checksum"):
+        for e in range(8):
+            store.fetch(2, __import__("numpy").array([e]))

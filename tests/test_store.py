@@ -1,6 +1,7 @@
 """Expert stores: the cache, its policy, its counters, and the on-disk readers."""
 
 import json
+import time
 
 import mlx.core as mx
 import numpy as np
@@ -202,3 +203,85 @@ def test_direct_reads_land_in_the_pool_itself_when_aligned(models):
     whole_pages = all(t.nbytes % 4096 == 0 for t in lay.tensors)
     assert (getattr(reader._files._local, "bounce", None) is None) == whole_pages
     assert np.array_equal(np.concatenate([r[1] for r in rows]), reader.read(layer, 3))
+
+
+class _PieceLog(ShardedFolderReader):
+    """Records each piece read, slowly, as a disk would deliver it."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.pieces = []
+
+    def read_span_into(self, layer, expert, dests, start, stop):
+        time.sleep(0.05)
+        super().read_span_into(layer, expert, dests, start, stop)
+        self.pieces.append((expert, start, stop))
+
+
+def test_large_records_are_read_in_pieces_and_land_one_after_another(models):
+    """A record big enough is split over the read threads, pieces queued
+    record after record: the first miss lands while the others are still
+    being read (the block computes it meanwhile), and the bytes are the
+    record's."""
+    folder = models("qwen2_moe", "odmoe")
+    reader = _PieceLog(folder)
+    store = CachedStore(reader, slots_per_layer=8, threads=4)
+    store.inline_read_s = -1
+    store.split_bytes = reader.layout.record_nbytes // 4
+    experts = np.array([2, 5, 6])
+    f = store.begin_fetch(1, experts)
+    assert [f.wait_any() for _ in experts] == [0, 1, 2]
+    assert len(reader.pieces) == 3 * 4
+    assert sorted(b - a for _, a, b in reader.pieces)[-1] <= -(-reader.layout.record_nbytes // 4)
+    want, want_slots = CachedStore(ShardedFolderReader(folder), slots_per_layer=8).fetch(1, experts)
+    for name in f.pool:
+        got = f.pool[name][mx.array(f.slots)]
+        assert mx.array_equal(got, want[name][mx.array(want_slots)]).item()
+
+
+def test_demanded_reads_go_before_queued_guesses():
+    """A guess never keeps the forward pass waiting for the disk: reads it
+    needs run before any guess still queued, each kind in order."""
+    import threading
+
+    from mlx_lm_odmoe.store.read_queue import DEMAND, GUESS, ReadQueue
+
+    q, ran, gate = ReadQueue(threads=1), [], threading.Event()
+    q.submit(DEMAND, gate.wait)
+    futs = [q.submit(GUESS, ran.append, f"guess {i}") for i in range(3)]
+    futs += [q.submit(DEMAND, ran.append, "demand")]
+    gate.set()
+    for fut in futs:
+        fut.result(timeout=10)
+    q.shutdown()
+    assert ran == ["demand", "guess 0", "guess 1", "guess 2"]
+
+
+class _ReadLog(ShardedFolderReader):
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.read = []
+
+    def read_into(self, layer, expert, dests):
+        time.sleep(0.05)
+        super().read_into(layer, expert, dests)
+        self.read.append(expert)
+
+
+def test_guesses_a_layer_does_not_want_are_taken_back_before_they_are_read(models):
+    """When the layer's routes arrive, a queued guess it wants is read
+    before its other reads wait on anything, and queued guesses it does not
+    want are withdrawn: their slots are free again and the disk never
+    carries them."""
+    reader = _ReadLog(models("qwen2_moe", "odmoe"))
+    store = CachedStore(reader, slots_per_layer=4, threads=1)
+    store.inline_read_s = -1
+    store.prefetch(1, [3, 4, 5])  # 3 starts at once, 4 and 5 wait
+    time.sleep(0.01)
+    f = store.begin_fetch(1, np.array([5, 7]))
+    f.wait_all()
+    time.sleep(0.1)  # anything still queued would run now
+    assert reader.read == [3, 5, 7]
+    s = store.telemetry.snapshot()
+    assert s["prefetched_bytes"] == 2 * reader.layout.record_nbytes
+    assert sorted(np.flatnonzero(store.resident_mask(1, np.arange(8)))) == [3, 5, 7]

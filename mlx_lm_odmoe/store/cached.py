@@ -1,8 +1,9 @@
 """A byte-budgeted expert cache over a reader."""
 
+import threading
 import time
 from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -12,7 +13,8 @@ from ..layout import ExpertLayout
 from ..telemetry import Telemetry
 from .base import ExpertStore, Pool
 from .policy import CachePolicy, LRUPolicy
-from .readers import ExpertReader
+from .read_queue import DEMAND, GUESS, ReadQueue
+from .readers import ExpertReader, record_spans
 from .records import aligned_zeros, mx_dtype, records_to_arrays, writable_rows
 
 
@@ -117,9 +119,11 @@ class CachedStore(ExpertStore):
 
     Misses are read straight into a victim slot of the layer's pool (chosen
     by ``policy``; LRU if none is given, the runtime uses LFU with decay) by
-    a pool of ``threads`` positional reads, all of a layer's misses at once,
-    so the disk sees them together and the block can start computing on the
-    experts that are already there. Prefetched experts land in the layer's
+    ``threads`` read threads, all of a layer's misses at once, so the disk
+    sees them together and the block can start computing on the experts
+    that are already there. The forward pass's reads go before any guess
+    (``read_queue.py``); large records are read in pieces so that misses
+    land one by one. Prefetched experts land in the layer's
     ``staging`` slots and never evict a resident expert. When a layer has a
     slot for every expert, expert ``e`` always sits in slot ``e`` and, once
     all are resident, the block takes the no-sync fast path.
@@ -146,7 +150,9 @@ class CachedStore(ExpertStore):
         self._layers: Dict[int, _LayerSlots] = {}
         self._complete = set()
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="odmoe-read")
+        self._queue = ReadQueue(threads)
+        # Records at least twice this size are read in pieces (see _start_read).
+        self.split_bytes = 4 << 20
         # Reads that come from memory (page cache) faster than a thread
         # hand-off run on the calling thread.
         self.inline_read_s = 200e-6
@@ -177,8 +183,9 @@ class CachedStore(ExpertStore):
         experts = np.asarray(experts)
         protected = [int(e) for e in experts]
         pending, fresh, ready, late, guessed_hits = {}, [], 0, 0, 0
-        missing = []
+        missing, landing = [], []
         wanted = list(protected)
+        self._withdraw_guesses(layer, st, set(wanted))
         protected += [int(e) for e in keep]
         for i, e in enumerate(wanted):
             if st.expert_slot[e] >= 0:
@@ -186,6 +193,7 @@ class CachedStore(ExpertStore):
                 loading = st.loading.pop(e, None)
                 if loading is not None:  # preloaded: a hit, perhaps still landing
                     pending[i] = loading
+                    landing.append(loading)
                 if e in st.guessed:
                     st.guessed.discard(e)
                     guessed_hits += 1
@@ -197,6 +205,7 @@ class CachedStore(ExpertStore):
                 slot, fut = staged
                 self._adopt(layer, st, e, slot, protected)
                 pending[i] = fut  # done or not: a failed read must still raise
+                landing.append(fut)
                 if fut.done():
                     ready += 1
                 else:
@@ -204,6 +213,7 @@ class CachedStore(ExpertStore):
             else:
                 fresh.append((i, e, self._claim_slot(layer, st, e, protected)))
         self._expire_staged(st)
+        self._queue.promote([p for fut in landing for p in fut.pieces])
         if ready + late + guessed_hits:
             self.telemetry.record_prefetch_hits(ready + late + guessed_hits)
         nbytes = len(fresh) * self.layout.record_nbytes
@@ -218,7 +228,7 @@ class CachedStore(ExpertStore):
                 except BaseException as exc:
                     fut.set_exception(exc)
             else:
-                fut = self._pool.submit(self._read_slot, layer, st, e, slot)
+                fut = self._start_read(layer, st, e, slot, DEMAND)
             pending[i] = fut
         f = Fetch(self, layer, st, experts, slots, pending, stats)
         if not pending:
@@ -243,13 +253,13 @@ class CachedStore(ExpertStore):
                 budget -= 1
                 # Never over a guess of this call or an expert still landing.
                 slot = self._claim_slot(layer, st, e, list(st.loading) + experts)
-                st.loading[e] = self._pool.submit(self._read_slot, layer, st, e, slot)
+                st.loading[e] = self._start_read(layer, st, e, slot, GUESS)
                 st.guessed.add(e)
             else:
                 if not st.spare:
                     break  # staging is full: the rest are not read at all
                 slot = st.spare.pop()
-                st.staged[e] = (slot, self._pool.submit(self._read_slot, layer, st, e, slot))
+                st.staged[e] = (slot, self._start_read(layer, st, e, slot, GUESS))
             self.telemetry.record_prefetch(self.layout.record_nbytes)
 
     def pass_order(self, layer, experts) -> np.ndarray:
@@ -276,7 +286,7 @@ class CachedStore(ExpertStore):
                 if st.expert_slot[e] >= 0 or not (st.free or self.identity):
                     continue
                 slot = self._claim_slot(layer, st, e, protected)
-                st.loading[e] = self._pool.submit(self._read_slot, layer, st, e, slot)
+                st.loading[e] = self._start_read(layer, st, e, slot, GUESS)
                 n += 1
         self.telemetry.record_preload(n * self.layout.record_nbytes)
         return n
@@ -292,7 +302,7 @@ class CachedStore(ExpertStore):
             for _, fut in (
                 list(st.staged.values()) + st.retiring + [(None, f) for f in st.loading.values()]
             ):
-                fut.cancel()
+                self._queue.withdraw(fut.pieces)
                 try:
                     fut.result()
                 except BaseException:
@@ -323,9 +333,9 @@ class CachedStore(ExpertStore):
     def close(self):
         for st in self._layers.values():
             for _, fut in st.staged.values():
-                fut.cancel()
+                self._queue.withdraw(fut.pieces)
             st.staged.clear()
-        self._pool.shutdown(wait=True)
+        self._queue.shutdown(wait=True)
         self.reader.close()
 
     # -- internals ---------------------------------------------------------
@@ -334,6 +344,54 @@ class CachedStore(ExpertStore):
         if st is None:
             st = self._layers[layer] = _LayerSlots(self.layout, self.slots, self.staging)
         return st
+
+    def _start_read(self, layer, st: _LayerSlots, expert: int, slot: int, priority) -> Future:
+        """Start reading ``expert`` into ``slot``; the future gives what
+        :meth:`_read_slot` returns. A large record that lands in place is
+        read in pieces, one per read thread, queued back to back: a layer's
+        misses then land one after another (the block computes each as it
+        lands) while the disk still sees several reads at once. Read whole
+        and together, they would all land at the end."""
+        nbytes = self.layout.record_nbytes
+        parts = min(self._queue.threads, nbytes // self.split_bytes)
+        if parts < 2 or st.rows is None or not self.reader.reads_spans:
+            fut = self._queue.submit(priority, self._read_slot, layer, st, expert, slot)
+            fut.pieces = [fut]
+            return fut
+        spans = record_spans(nbytes, parts)
+        dests = [rows[slot] for rows in st.rows]
+        done = Future()
+        done.set_running_or_notify_cancel()  # its slot is busy until every piece is in
+        lock, left, errors, began = threading.Lock(), [len(spans)], [], []
+
+        def piece(a, b):
+            began.append(time.perf_counter())
+            self.reader.read_span_into(layer, expert, dests, a, b)
+
+        def landed(fut):
+            with lock:
+                left[0] -= 1
+                if fut.cancelled():  # withdrawn (see _withdraw_guesses)
+                    errors.append(futures.CancelledError())
+                elif fut.exception() is not None:
+                    errors.append(fut.exception())
+                if left[0]:
+                    return
+            try:
+                if errors:
+                    raise errors[0]
+                self.reader.check_into(layer, expert, dests)
+            except BaseException as exc:
+                done.set_exception(exc)
+                return
+            dt = time.perf_counter() - min(began)
+            self._read_ema += 0.1 * (dt - self._read_ema)
+            done.set_result((dt, None))
+
+        done.pieces = [self._queue.submit(priority, piece, a, b) for a, b in spans]
+        for fut in done.pieces:
+            fut.add_done_callback(landed)
+        return done
 
     def _read_slot(self, layer, st: _LayerSlots, expert: int, slot: int):
         """Read ``expert`` into ``slot``; returns (seconds, None) or, where
@@ -401,12 +459,25 @@ class CachedStore(ExpertStore):
         if not self.identity:
             st.free.append(slot)
 
+    def _withdraw_guesses(self, layer, st: _LayerSlots, wanted):
+        """Guesses read into the cache for this layer that its pass does not
+        want and whose reads have not started are taken back: their slots
+        are free again and the disk never carries them."""
+        for e in [e for e in st.guessed if e in st.loading and e not in wanted]:
+            if self._queue.withdraw(st.loading[e].pieces):
+                self._forget(layer, st, e)
+                self.telemetry.record_withdrawn(self.layout.record_nbytes)
+
     def _expire_staged(self, st: _LayerSlots):
-        """Guesses for this pass of the layer that it did not use are waste;
-        their slots return to staging once their reads have finished."""
+        """Guesses for this pass of the layer that it did not use are waste
+        (unless taken back before their reads started); their slots return
+        to staging once their reads have finished."""
         for e, (slot, fut) in list(st.staged.items()):
             del st.staged[e]
-            fut.cancel()
+            if self._queue.withdraw(fut.pieces):
+                st.spare.append(slot)
+                self.telemetry.record_withdrawn(self.layout.record_nbytes)
+                continue
             st.retiring.append((slot, fut))
             self.telemetry.record_wasted(self.layout.record_nbytes)
         self._reclaim(st)

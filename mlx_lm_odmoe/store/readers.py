@@ -44,6 +44,18 @@ class ExpertReader:
         for t, dest in zip(self.layout.tensors, dests):
             dest[:] = buf[t.offset : t.offset + t.nbytes]
 
+    # Readers that can read part of a record (``read_span_into``) let the
+    # store split a large record over its read threads.
+    reads_spans = False
+
+    def read_span_into(self, layer: int, expert: int, dests, start: int, stop: int) -> None:
+        """Read the record's bytes ``[start, stop)`` into the same bytes of
+        ``dests``; unchecked until :meth:`check_into` sees the whole."""
+        raise NotImplementedError
+
+    def check_into(self, layer: int, expert: int, dests) -> None:
+        """Check a record read by spans (readers with checksums override)."""
+
     def tensor_location(self, layer: int, expert: int, tensor) -> Tuple[Path, int]:
         """File and byte offset where ``tensor`` of an expert starts."""
         raise NotImplementedError
@@ -234,6 +246,28 @@ def _open_uncached(path: Path):
     return fd, False
 
 
+def span_views(dests, start: int, stop: int) -> list:
+    """The parts of ``dests`` (buffers holding a record's bytes back to
+    back) that hold the record's bytes ``[start, stop)``."""
+    out, pos = [], 0
+    for d in dests:
+        v = memoryview(d).cast("B")
+        lo, hi = max(start, pos), min(stop, pos + len(v))
+        if lo < hi:
+            out.append(v[lo - pos : hi - pos])
+        pos += len(v)
+    return out
+
+
+def record_spans(nbytes: int, parts: int, align: int = 4096) -> list:
+    """``[start, stop)`` of at most ``parts`` pieces covering a record,
+    each but the last a multiple of ``align`` long (so reads around the
+    page cache can still land in place)."""
+    step = -(-nbytes // max(1, parts))
+    step = -(-step // align) * align
+    return [(a, min(nbytes, a + step)) for a in range(0, nbytes, step)]
+
+
 class ExpertReadError(OSError):
     """An expert could not be read, or its bytes are not what was written."""
 
@@ -390,6 +424,21 @@ class ShardedFolderReader(ExpertReader):
         # Records are their tensors back to back: one preadv fills them all.
         read_with_retry(lambda: self._files.preadv_into(path, dests, off), what)
         self._verify(layer, expert, dests, crc, what)
+
+    reads_spans = True
+
+    def read_span_into(self, layer, expert, dests, start, stop):
+        s, off, _ = self.layout.locations[layer][expert]
+        path = self.shard_path(s)
+        what = f"{path} (layer {layer} expert {expert}, bytes {start}-{stop})"
+        views = span_views(dests, start, stop)
+        read_with_retry(lambda: self._files.preadv_into(path, views, off + start), what)
+
+    def check_into(self, layer, expert, dests):
+        s, _, crc = self.layout.locations[layer][expert]
+        self._verify(
+            layer, expert, dests, crc, f"{self.shard_path(s)} (layer {layer} expert {expert})"
+        )
 
     def _verify(self, layer, expert, parts, crc, what):
         if not self.verify or (layer, expert) in self._verified:
