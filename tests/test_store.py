@@ -285,3 +285,15 @@ def test_guesses_a_layer_does_not_want_are_taken_back_before_they_are_read(model
     s = store.telemetry.snapshot()
     assert s["prefetched_bytes"] == 2 * reader.layout.record_nbytes
     assert sorted(np.flatnonzero(store.resident_mask(1, np.arange(8)))) == [3, 5, 7]
+
+
+def test_guesses_never_fail_when_every_slot_is_still_being_read(models):
+    """Guesses from several layers ahead can fill a layer's slots with
+    reads in flight; a further guess is then dropped, not an error."""
+    reader = _ReadLog(models("qwen2_moe", "odmoe"))
+    store = CachedStore(reader, slots_per_layer=4, threads=1)
+    store.inline_read_s = -1
+    store.prefetch(1, [0, 1, 2, 3])
+    store.prefetch(1, [4, 5])  # no slot left that is not landing
+    store.fetch(1, np.array([0, 1, 2]))
+    assert sorted(reader.read) == [0, 1, 2]  # 3 was withdrawn unread

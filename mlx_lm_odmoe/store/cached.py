@@ -250,9 +250,12 @@ class CachedStore(ExpertStore):
             if into_cache:
                 if budget == 0:
                     break
-                budget -= 1
                 # Never over a guess of this call or an expert still landing.
-                slot = self._claim_slot(layer, st, e, list(st.loading) + experts)
+                try:
+                    slot = self._claim_slot(layer, st, e, list(st.loading) + experts)
+                except RuntimeError:
+                    break  # every slot holds a guess or a read in flight
+                budget -= 1
                 st.loading[e] = self._start_read(layer, st, e, slot, GUESS)
                 st.guessed.add(e)
             else:
@@ -414,7 +417,13 @@ class CachedStore(ExpertStore):
     def _victim_slot(self, layer, st: _LayerSlots, protected) -> int:
         if st.free:
             return st.free.pop()
-        victim = self.policy.victim(layer, protected)
+        # Pass over experts still being read (taking one means waiting for
+        # its read before this one can start) while any other will do.
+        landing = [e for e, fut in st.loading.items() if not fut.done()]
+        try:
+            victim = self.policy.victim(layer, list(protected) + landing)
+        except RuntimeError:
+            victim = self.policy.victim(layer, protected)
         loading = st.loading.pop(victim, None)
         if loading is not None:  # its preload must land before the slot is reused
             try:
