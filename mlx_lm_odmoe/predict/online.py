@@ -112,6 +112,8 @@ class OnlineCorrection:
             return
         xp = self.xp
         truth = truth.reshape(-1, truth.shape[-1])
+        if xp is np and truth.shape[0] == 1 and self.switch_rate and all(map(_one_row, waiting)):
+            return self._learn_row(waiting, truth)
         target = _hot(xp, truth, self.num_experts) / truth.shape[-1]
         for source, j, scores, corr, cur, look in waiting:
             if scores.shape[0] != truth.shape[0]:
@@ -133,6 +135,29 @@ class OnlineCorrection:
             bias[j] = xp.clip(b, -self.bias_clip, self.bias_clip)
             if self.pair_lr and cur is not None:
                 self._learn_pair(self._pair[source], j, cur, g)
+
+    def _learn_row(self, waiting, truth):
+        """:meth:`learn` for one decode row in numpy, on vectors."""
+        k = truth.shape[-1]
+        target = np.zeros(self.num_experts, dtype=np.float32)
+        target[truth[0]] = 1.0 / k
+        r, keep = self.switch_rate, 1 - self.decay
+        for source, j, scores, corr, cur, look in waiting:
+            gate, bias = self._state(source)
+            full = look[0] + corr[0]
+            e = np.exp(full - full.max())
+            g = e / e.sum() - target
+            b = bias[j] * keep - self.bias_lr * g
+            rec = self._recall[source][j]  # shadow's and lookahead's decayed recall
+            rec *= 1 - r
+            rec[0] += r * float(target[np.argpartition(-full, k - 1)[:k]].sum())
+            rec[1] += r * float(target[np.argpartition(-look[0], k - 1)[:k]].sum())
+            gate[j] = np.float32(rec[0] >= rec[1])
+            np.clip(b, -self.bias_clip, self.bias_clip, out=bias[j])
+            if self.pair_lr and cur is not None:
+                pair = self._pair[source][j]
+                pair *= keep
+                pair[cur[0]] -= (self.pair_lr / cur.shape[-1]) * g
 
     def _switch(self, recall, j, full, look, target, k):
         """1 while the full scores' decayed top-k recall is at least the
@@ -163,6 +188,12 @@ class OnlineCorrection:
                 pair[j][cur[0]] += step[0]
             else:
                 np.add.at(pair[j], cur, np.broadcast_to(step, cur.shape + step.shape[-1:]))
+
+
+def _one_row(waiting) -> bool:
+    """A decode prediction: one row, with its lookahead term."""
+    _, _, scores, _, _, look = waiting
+    return scores.shape[0] == 1 and look is not None
 
 
 def _recall(xp, scores, target, k):

@@ -342,6 +342,8 @@ class _HostStep:
         )
 
     def __call__(self, x, cur, prev, min_prob, online=None):
+        if x.shape[0] == 1 and online is not None and (prev >= 0).all():
+            return self._row(x[0], cur[0], prev[0], min_prob, online)
         n, m, E, r = x.shape[0], self.m, self.E, self.r
         k = cur.shape[-1]
         rows, js = self._grid(n, m, k)
@@ -372,6 +374,34 @@ class _HostStep:
             keep = e[rows, js, ids] >= min_prob * e.sum(axis=-1, keepdims=True)
             ids = np.where(keep, ids, -1)
         return ids, out, resid, look
+
+    def _row(self, x, cur, prev, min_prob, online):
+        """The same step for one decode row (the usual case) on [m, E]
+        arrays: half the array operations, each on a single vector."""
+        m, E, r = self.m, self.E, self.r
+        k = cur.shape[-1]
+        z = x @ self.wx
+        h = z[:r] + self.proj_b + self.emb[cur].sum(axis=0)
+        h *= 1.0 / (1.0 + np.exp(-h))  # silu
+        z = z[r:].reshape(m, E)
+        prior = 1.0 / (1.0 + np.exp(-z)) + self.bias if self.sigmoid else z
+        look = self.a * prior
+        gate, bias = online
+        resid = (h @ self.head_w + self.head_b).reshape(m, E) + bias.reshape(m, E)
+        js = self._js(m)
+        resid[js, prev] += self.p  # router picks are distinct: no repeated index
+        out = look + gate * resid
+        ids = np.argpartition(-out, k - 1, axis=-1)[:, :k]
+        if min_prob > 0:
+            e = np.exp(out - out.max(axis=-1, keepdims=True))
+            ids = np.where(e[js, ids] >= min_prob * e.sum(axis=-1, keepdims=True), ids, -1)
+        return ids[None], out[None], resid[None], look[None]
+
+    def _js(self, m):
+        js = self.__dict__.get("_js_grid")
+        if js is None or js.shape[0] != m:
+            js = self._js_grid = np.arange(m)[:, None]
+        return js
 
     def _grid(self, n, m, k):
         """Index grids that address [n, m, k] picks of an [n, m, E] array."""
