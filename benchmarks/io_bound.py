@@ -59,7 +59,7 @@ NOTES = (
     "the run's own decode routes from an empty cache with the same slots per layer. "
     "Read wait: host time the forward pass spent blocked on expert reads. Disk MB/token: "
     "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
-    "included. One run per contender: the machine's noise is not averaged out."
+    "included. With one run per contender (see 'run' above) the machine's noise is not averaged out."
 )
 
 
@@ -223,6 +223,25 @@ def run(spec, common, args):
             row["read_wait_ms_per_token"] = 1e3 * s["read_wait_s"] / n
     print(f"  {row['name']}: {row['status']} {row.get('decode_tok_s', 0):.2f} tok/s", flush=True)
     return row
+
+
+def run_rounds(specs, common, args):
+    """Every contender ``args.rounds`` times, round-robin (the machine's
+    load drifts over minutes; interleaving spreads it over all of them);
+    per contender the run of median decode speed, with every round's."""
+    runs = [[] for _ in specs]
+    for i in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {i + 1} of {args.rounds}", flush=True)
+        for spec, out in zip(specs, runs):
+            out.append(run(dict(spec), common, args))
+    rows = []
+    for out in runs:
+        ok = sorted((r for r in out if r["status"] == "ok"), key=lambda r: r["decode_tok_s"])
+        row = ok[(len(ok) - 1) // 2] if ok else out[-1]
+        row["rounds_tok_s"] = [r.get("decode_tok_s") for r in out]
+        rows.append(row)
+    return rows
 
 
 def sustained_gb_s(rows) -> float:
@@ -488,6 +507,12 @@ def main(argv=None):
     p.add_argument(
         "--warm-start-budget", default="25%", help="'' skips the warm-start pair. Default: 25%%"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Decode runs per contender, interleaved; the median is reported. Default: 1",
+    )
     p.add_argument("--margin", type=float, default=0.8, help="cgroup GB beyond. Default: 0.8")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--title")
@@ -528,7 +553,7 @@ def main(argv=None):
         "split_stats": True,
         "n_ctx": max(args.prompt_tokens, args.long_prompt) + args.tokens + 64,
     }
-    rows = [run(spec, common, args) for spec in contenders(args, sizes, budgets)]
+    rows = run_rounds(contenders(args, sizes, budgets), common, args)
     used = derive(rows, best, record)
 
     warm_rows = []
@@ -560,7 +585,12 @@ def main(argv=None):
             "regime": "I/O-bound: cold page cache before every contender; each in a memory cgroup "
             f"of resident weights + its budget + {args.margin} GB",
             "disk bandwidth used for bounds": _bw_fact(best, used),
-            "run": f"{args.prompt_tokens}-token prompt, {args.tokens} greedy tokens, 1 run each",
+            "run": f"{args.prompt_tokens}-token prompt, {args.tokens} greedy tokens, "
+            + (
+                f"median of {args.rounds} interleaved rounds (every round's tok/s in results.json)"
+                if args.rounds > 1
+                else "1 run each"
+            ),
             "machine": bench._machine(),
             "load average": bench._load_average(),
             "versions": bench._versions(),
