@@ -73,5 +73,9 @@ $PY -m mlx_lm_odmoe.tools.inflate --from models/tiny-kimi --width 5120 $DATA/kim
 $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf \
     --compare-prefetch 50%,25%,12.5% --variant '25%:{"prefetch_into": "staging", "prefetch_staging": 2}' \
     --tokens 48 --out $RES/io-bound/qwen-wide
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
+    --rounds 3 --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/qwen-wide-3-rounds
 $PY benchmarks/io_bound.py --model $DATA/kimi-wide --compare-prefetch 50%,25%,12.5% \
     --tokens 48 --out $RES/io-bound/kimi-wide
+$PY benchmarks/io_bound.py --model $DATA/kimi-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
+    --rounds 3 --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/kimi-wide-3-rounds

@@ -179,7 +179,7 @@ class OnDemandSwitchGLU(nn.Module):
             return y
         f = begin(self.layer, experts)
         slot_ids = _slot_ids(store, experts, f.slots, ids)
-        if not f.pending or ids.size != ids.shape[-1]:
+        if not f.pending or ids.size != ids.shape[-1] or not store.streams_reads():
             f.wait_all()
             y = self._run(store, f.pool, x, mx.array(slot_ids))
             mx.async_eval(y)

@@ -156,6 +156,10 @@ class CachedStore(ExpertStore):
         # Reads that come from memory (page cache) faster than a thread
         # hand-off run on the calling thread.
         self.inline_read_s = 200e-6
+        # Computing a token's experts one call per landing read pays only
+        # where a read takes longer than a call (on the page cache it costs
+        # more than it hides).
+        self.stream_min_read_s = 1e-3
         self._read_ema = 0.0
         self.prefetch_width = 4  # guesses read into the cache per layer and token
         self.prior_counts: Dict[int, np.ndarray] = {}  # earlier runs' routes (warm start)
@@ -171,6 +175,10 @@ class CachedStore(ExpertStore):
         f = self.begin_fetch(layer, experts, keep)
         f.wait_all()
         return f.pool, f.slots
+
+    def streams_reads(self) -> bool:
+        """Whether the block should compute each expert as its read lands."""
+        return self._read_ema >= self.stream_min_read_s
 
     def resident_mask(self, layer, experts) -> np.ndarray:
         return self._layer(layer).expert_slot[np.asarray(experts)] >= 0
