@@ -160,21 +160,21 @@ class OnDemandSwitchGLU(nn.Module):
             # Guesses for the next layers are read once this layer's own
             # misses are queued and its resident experts are computing.
             then = None if guesses_of is None else lambda: self._prefetch(store, guesses_of(ids))
-            y = self._routed(store, x, ids, experts, then)
-            # Start the experts now: they compute while Python builds the
-            # rest of the layer and the next one up to its router's sync.
-            mx.async_eval(y)
-            return y
+            return self._routed(store, x, ids, experts, then)
         return self._expert_major(store, x, ids, experts)
 
     def _routed(self, store, x, ids, experts, then=None):
         """The routed experts' outputs [..., k, D] for routes ``ids``;
-        ``then()`` runs once the outputs that need no read are started."""
+        ``then()`` runs once the outputs that need no read are started.
+        The outputs are started before returning: they compute while Python
+        builds the rest of the layer and the next one up to its router's
+        sync."""
         then = then or (lambda: None)
         begin = getattr(store, "begin_fetch", None)
         if begin is None:
             pool, slots = store.fetch(self.layer, experts)
             y = self._run(store, pool, x, mx.array(_slot_ids(store, experts, slots, ids)))
+            mx.async_eval(y)
             then()
             return y
         f = begin(self.layer, experts)
@@ -210,7 +210,9 @@ class OnDemandSwitchGLU(nn.Module):
             i = f.wait_any()
             run([j for j, p in enumerate(route_pos) if p == i])
         y = mx.concatenate(parts, axis=-2)
-        return mx.take(y, mx.array(np.argsort(order)), axis=-2)
+        y = mx.take(y, mx.array(np.argsort(order)), axis=-2)
+        mx.async_eval(y)
+        return y
 
     def _predict(self, predictor, x, indices):
         """Guesses for the next layers from each row's newest token, as

@@ -221,7 +221,8 @@ class CachedStore(ExpertStore):
             else:
                 fresh.append((i, e, self._claim_slot(layer, st, e, protected)))
         self._expire_staged(st)
-        self._queue.promote([p for fut in landing for p in fut.pieces])
+        if landing:
+            self._queue.promote([p for fut in landing for p in fut.pieces])
         if ready + late + guessed_hits:
             self.telemetry.record_prefetch_hits(ready + late + guessed_hits)
         nbytes = len(fresh) * self.layout.record_nbytes
