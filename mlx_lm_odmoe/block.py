@@ -35,7 +35,7 @@ def moe_layers_of(model) -> list:
     return list(switch_layers_of(model, STOCK_SWITCHES + (OnDemandSwitchGLU,)))
 
 
-def _pass_chunks(store, layer, experts, cap):
+def _pass_chunks(store, layer, experts, cap, pipelined=False):
     """Chunks of at most ``cap`` experts for a pass that cannot hold them
     all, and the experts to keep resident throughout (None: any order).
 
@@ -43,16 +43,20 @@ def _pass_chunks(store, layer, experts, cap):
     the hottest resident ones (up to half the slots) stay for the whole
     pass and run last, the others run coldest first: no resident hot
     expert is read twice, and the hottest are the ones resident when the
-    pass ends and decoding begins."""
+    pass ends and decoding begins. ``pipelined``: two consecutive chunks
+    (and the kept experts) fit at once, so the next chunk is read while
+    this one computes."""
     rank = getattr(store, "pass_order", None)
     if rank is None:
-        return [experts[i : i + cap] for i in range(0, len(experts), cap)], None
+        step = cap // 2 if pipelined and cap >= 2 else cap
+        return [experts[i : i + step] for i in range(0, len(experts), step)], None
     ranked = rank(layer, experts)  # coldest first
     resident = store.resident_mask(layer, ranked)
     keep = ranked[resident][::-1][: cap // 2]
     others = ranked[~np.isin(ranked, keep)]
     room = cap - len(keep)
-    chunks = [np.sort(others[i : i + room]) for i in range(0, len(others), room)]
+    step = room // 2 if pipelined and room >= 2 else room
+    chunks = [np.sort(others[i : i + step]) for i in range(0, len(others), step)]
     if len(keep):
         chunks.append(np.sort(keep))
     return chunks, keep
@@ -260,30 +264,58 @@ class OnDemandSwitchGLU(nn.Module):
 
     def _expert_major(self, store, x, ids, experts):
         """Run routes in chunks of at most ``capacity`` distinct experts
-        (see ``_pass_chunks`` for their order)."""
+        (see ``_pass_chunks`` for their order); where the store reads in
+        the background, the next chunk's reads land in other slots while
+        this chunk computes."""
         k = ids.shape[-1]
         flat = ids.reshape(-1)
         order = np.argsort(flat, kind="stable")
         tokens = x.reshape(-1, x.shape[-1])
+        background = hasattr(store, "begin_fetch")
         cap = store.capacity(self.layer)
-        chunks, keep = _pass_chunks(store, self.layer, experts, cap)
+        chunks, keep = _pass_chunks(store, self.layer, experts, cap, pipelined=background)
         outs, done = [], []
-        for chunk in chunks:
+        chunk_fetch = self._chunk_fetch(store, chunks[0], keep)
+        for i, chunk in enumerate(chunks):
+            pool, slots = chunk_fetch()
             member = np.zeros(store.layout.num_experts, dtype=bool)
             member[chunk] = True
             routes = order[member[flat[order]]]  # this chunk's routes, by expert
-            if keep is None:
-                pool, slots = store.fetch(self.layer, chunk)
-            else:
-                pool, slots = store.fetch(self.layer, chunk, keep=keep)
             remap = np.zeros(store.layout.num_experts, dtype=np.int32)
             remap[chunk] = slots
             xs = tokens[mx.array(routes // k)]
             y = self._run(store, pool, xs, mx.array(remap[flat[routes]])[:, None])
             y = y.squeeze(-2)
-            mx.eval(y)  # the next chunk may overwrite these slots
+            nxt = chunks[i + 1] if i + 1 < len(chunks) else None
+            held = chunk if keep is None else np.union1d(keep, chunk)
+            ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
+            if ahead:  # this chunk's experts stay put while the next one's are read
+                mx.async_eval(y)
+                chunk_fetch = self._chunk_fetch(store, nxt, held)
+            mx.eval(y)  # later chunks may overwrite these slots
+            if nxt is not None and not ahead:
+                chunk_fetch = self._chunk_fetch(store, nxt, keep)
             outs.append(y)
             done.append(routes)
         back = np.argsort(np.concatenate(done), kind="stable")
         y = mx.concatenate(outs, axis=0)[mx.array(back)]
         return y.reshape(*ids.shape, -1)
+
+    def _chunk_fetch(self, store, chunk, keep):
+        """Starts bringing ``chunk`` in (never evicting ``keep``); returns a
+        function that waits for it and gives (pool, slots)."""
+        keep = () if keep is None else keep
+        begin = getattr(store, "begin_fetch", None)
+        if begin is None:
+            return lambda: (
+                store.fetch(self.layer, chunk, keep=keep)
+                if len(keep)
+                else store.fetch(self.layer, chunk)
+            )
+        f = begin(self.layer, chunk, keep=keep)
+
+        def wait():
+            f.wait_all()
+            return f.pool, f.slots
+
+        return wait

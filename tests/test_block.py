@@ -116,3 +116,28 @@ def test_the_shared_expert_starts_early_and_is_computed_once(models, kind):
     finally:
         base.__call__ = original
     assert sum(calls) == len(mlps)  # (a dense layer's MLP may share the class)
+
+
+@pytest.mark.parametrize("slots", [2, 3, 4, 6])
+def test_a_pass_bigger_than_the_cache_reads_the_next_chunk_while_this_one_computes(slots):
+    """Chunks of a pipelined pass are small enough that the kept experts
+    and two consecutive chunks fit in the cache at once (the next chunk's
+    reads land in other slots while this one computes), and the pass still
+    reads every expert once and matches stock."""
+    from mlx_lm_odmoe.block import _pass_chunks
+
+    glu, q = stock_glu(None, None)
+    reader = StackedArraysReader(glu, q)
+    store = CachedStore(reader, slots)
+    block = OnDemandSwitchGLU(_Runtime(store), 0, D, H, E)
+    x = mx.random.normal((1, 64, D))
+    inds = routes(64, seed=3)
+    assert mx.array_equal(block(x, inds), glu(x, inds)).item()  # leaves hot experts resident
+    chunks, keep = _pass_chunks(store, 0, np.arange(E), slots, pipelined=True)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(E))
+    for a, b in zip(chunks, chunks[1:]):
+        together = len(np.union1d(np.union1d(keep, a), b))
+        assert together <= slots or len(a) == slots - len(keep)  # too small to pipeline
+    reads = reader.reads
+    assert mx.array_equal(block(x, inds), glu(x, inds)).item()
+    assert reader.reads - reads <= E  # once per expert per pass, whatever stayed resident
