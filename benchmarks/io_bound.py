@@ -33,6 +33,14 @@ rate Belady's offline optimum reaches with the same slots, beside the LFU
 policy's in the same simulation and the store's own. Tokens of every run are
 compared with the all-resident run's.
 
+``--blas LIB`` runs every contender with another BLAS preloaded (e.g.
+OpenBLAS). MLX's Linux CPU wheel bundles the reference netlib BLAS, whose
+float32 matmul runs at ~2 GFLOP/s on this machine against ~100 with
+OpenBLAS: prompts are then compute-bound by a kernel no Mac has (MLX uses
+Accelerate and Metal there). Decode reads expert weights once per route
+either way, so it changes less. The report states which BLAS ran and how
+fast MLX's matmul was under it.
+
 Writes results.md, results.json and io-bound.png to --out.
 """
 
@@ -40,6 +48,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,6 +99,20 @@ def disk_bandwidth(model: Path, direct: bool, depths=(1, 2, 4, 8, 16), reads: in
         out[qd] = len(picks) * lay.record_nbytes / (time.perf_counter() - t0) / GB
     reader.close()
     return out
+
+
+def mlx_matmul_gflops() -> float:
+    """MLX's float32 matmul speed in a fresh process with this environment
+    (the contenders'; ``--blas`` changes it)."""
+    code = (
+        "import time, mlx.core as mx\n"
+        "a = mx.random.normal((512, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a @ b)\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(4): mx.eval(a @ b)\n"
+        "print(4 * 2 * 512 * 1024 * 1024 / (time.perf_counter() - t) / 1e9)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
 
 
 def prompt_ids(tok, n: int):
@@ -513,6 +536,12 @@ def main(argv=None):
         default=1,
         help="Decode runs per contender, interleaved; the median is reported. Default: 1",
     )
+    p.add_argument(
+        "--blas",
+        help="Shared library preloaded into every contender (LD_PRELOAD), e.g. "
+        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0: MLX's Linux CPU wheel bundles the "
+        "reference BLAS (see above).",
+    )
     p.add_argument("--margin", type=float, default=0.8, help="cgroup GB beyond. Default: 0.8")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--title")
@@ -526,6 +555,11 @@ def main(argv=None):
     if reason:
         sys.exit(f"io_bound: {reason}")
     os.environ.setdefault("MLX_LM_ODMOE_WARM_START", "0")  # contenders start cold
+    if args.blas:
+        if not Path(args.blas).is_file():
+            p.error(f"--blas {args.blas}: no such file")
+        os.environ["LD_PRELOAD"] = args.blas  # inherited by every contender
+    gflops = mlx_matmul_gflops()
     model = bench.model_folder(args.model)
     args.model = str(model)
     args.compare_prefetch = [b.strip() for b in args.compare_prefetch.split(",") if b.strip()]
@@ -591,6 +625,8 @@ def main(argv=None):
                 if args.rounds > 1
                 else "1 run each"
             ),
+            "MLX BLAS": (args.blas or "the wheel's own (reference BLAS)")
+            + f": float32 matmul {gflops:.1f} GFLOP/s",
             "machine": bench._machine(),
             "load average": bench._load_average(),
             "versions": bench._versions(),

@@ -183,6 +183,8 @@ def test_guesses_read_into_the_cache_replace_the_victim_and_unused_ones_are_wast
     rec, layer = store.layout.record_nbytes, store.layout.moe_layers[0]
     store.fetch(layer, np.arange(4))
     store.prefetch(layer, np.array([0, 5, 6, 7]))  # 0 is resident; reads 5 and 6, not 7
+    for read in store._layers[layer].loading.values():
+        read.result()  # landed (a guess still queued when its layer comes is withdrawn)
     s = store.telemetry.snapshot()
     assert s["prefetched_bytes"] == 2 * rec and s["evictions"] == 2
     assert store._layers[layer].expert_slot[0] >= 0  # a guess is never a victim
@@ -196,3 +198,12 @@ def test_guesses_read_into_the_cache_replace_the_victim_and_unused_ones_are_wast
     others = np.flatnonzero(store._layers[layer].expert_slot < 0)[:3]
     store.fetch(layer, others)  # evicts, among others, the unused guess 6
     assert store.telemetry.snapshot()["wasted_bytes"] == rec
+
+
+def test_a_guess_needs_less_probability_the_more_of_its_layer_the_cache_keeps():
+    from mlx_lm_odmoe.runtime import guess_threshold
+
+    assert guess_threshold(0.125, 32, 2) == guess_threshold(0.125, 32, 4) == 0.125
+    assert guess_threshold(0.125, 32, 8) == 0.0625
+    assert guess_threshold(0.125, 64, 32) == 0.03125
+    assert guess_threshold(0.125, 64, 0) == 0.125
