@@ -45,6 +45,7 @@ Writes results.md, results.json and io-bound.png to --out.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -104,15 +105,9 @@ def disk_bandwidth(model: Path, direct: bool, depths=(1, 2, 4, 8, 16), reads: in
 def mlx_matmul_gflops() -> float:
     """MLX's float32 matmul speed in a fresh process with this environment
     (the contenders'; ``--blas`` changes it)."""
-    code = (
-        "import time, mlx.core as mx\n"
-        "a = mx.random.normal((512, 1024)); b = mx.random.normal((1024, 1024)); mx.eval(a @ b)\n"
-        "t = time.perf_counter()\n"
-        "for _ in range(4): mx.eval(a @ b)\n"
-        "print(4 * 2 * 512 * 1024 * 1024 / (time.perf_counter() - t) / 1e9)\n"
-    )
+    code = "from mlx_lm_odmoe.tools.doctor import matmul_gflops; print(matmul_gflops()['gflops'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def prompt_ids(tok, n: int):
@@ -539,7 +534,7 @@ def main(argv=None):
     p.add_argument(
         "--blas",
         help="Shared library preloaded into every contender (LD_PRELOAD), e.g. "
-        "/usr/lib/x86_64-linux-gnu/libopenblas.so.0: MLX's Linux CPU wheel bundles the "
+        "libopenblas.so.0: MLX's Linux CPU wheel bundles the "
         "reference BLAS (see above).",
     )
     p.add_argument("--margin", type=float, default=0.8, help="cgroup GB beyond. Default: 0.8")
@@ -556,8 +551,10 @@ def main(argv=None):
         sys.exit(f"io_bound: {reason}")
     os.environ.setdefault("MLX_LM_ODMOE_WARM_START", "0")  # contenders start cold
     if args.blas:
-        if not Path(args.blas).is_file():
-            p.error(f"--blas {args.blas}: no such file")
+        try:
+            ctypes.CDLL(args.blas)  # a path or a name the loader finds
+        except OSError as e:
+            p.error(f"--blas {args.blas}: cannot load it ({e})")
         os.environ["LD_PRELOAD"] = args.blas  # inherited by every contender
     gflops = mlx_matmul_gflops()
     model = bench.model_folder(args.model)

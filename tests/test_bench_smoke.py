@@ -266,3 +266,12 @@ def test_doctor_takes_the_hit_rate_from_earlier_runs_routes_when_it_has_them(
     f = json.loads(capsys.readouterr().out)["forecast"]
     assert f["hit_rate_from"].startswith("earlier runs")
     assert f["expected_hit_rate"] == min(1.0, f["slots_per_layer"] / (E // 4))
+
+
+def test_doctor_says_how_to_speed_prompts_up_where_the_cpu_blas_is_the_reference_one():
+    from mlx_lm_odmoe.tools.doctor import blas_hint
+
+    hint = blas_hint({"gflops": 2.5, "device": "Device(cpu, 0)"})
+    assert "LD_PRELOAD=libopenblas.so.0" in hint and "2.5 GFLOP/s" in hint
+    assert blas_hint({"gflops": 60.0, "device": "Device(cpu, 0)"}) is None
+    assert blas_hint({"gflops": 2.5, "device": "Device(gpu, 0)"}) is None

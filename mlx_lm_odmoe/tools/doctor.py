@@ -407,6 +407,41 @@ def compute_bandwidth(seconds: float = 0.8, quantized: bool = True) -> Dict:
     }
 
 
+# Below this float32 matmul speed on a CPU device, prompts are held back by
+# the BLAS MLX was linked with (Linux wheels bundle the reference BLAS:
+# ~2-5 GFLOP/s on 2 cores, against ~30-130 with OpenBLAS).
+SLOW_BLAS_GFLOPS = 10.0
+
+
+def matmul_gflops(seconds: float = 0.3) -> Dict:
+    """float32 GFLOP/s of a prompt-sized matmul ([512, 1024] @ [1024, 1024]):
+    what prefill's expert matmuls run at on this device."""
+    import mlx.core as mx
+
+    a = mx.random.normal((512, 1024))
+    b = mx.random.normal((1024, 1024))
+    mx.eval(a @ b)
+    rates, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(rates) < 3:
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        rates.append(2 * 512 * 1024 * 1024 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": statistics.median(rates), "device": str(mx.default_device())}
+
+
+def blas_hint(probe: Dict) -> Optional[str]:
+    """How to speed prompts up where the CPU's BLAS is the reference one."""
+    if "cpu" not in probe["device"].lower() or probe["gflops"] >= SLOW_BLAS_GFLOPS:
+        return None
+    return (
+        f"prompts: float32 matmul runs at {probe['gflops']:.1f} GFLOP/s here, the speed of "
+        "the reference BLAS MLX's Linux wheel bundles; an optimized one makes prompts 10-50x "
+        "faster: apt install libopenblas0-pthread, then run with "
+        "LD_PRELOAD=libopenblas.so.0 (float32 results then differ "
+        "from the reference BLAS's in the last bits)"
+    )
+
+
 # The narrow twin: this architecture with every width cut to TWIN_WIDTH and
 # at most TWIN_EXPERTS experts per layer. Same layers, same ops, same
 # routing, weights of negligible size.
@@ -633,6 +668,9 @@ def report(name: str, f: Dict, probes: Dict) -> str:
             f"  compute               {probes['compute']['bytes_per_s'] / 1e9:.2f} GB/s of 4-bit weights "
             f"({probes['compute']['device']})"
         )
+    if probes.get("matmul"):
+        m = probes["matmul"]
+        lines.append(f"  prompt matmul         {m['gflops']:.1f} GFLOP/s float32 ({m['device']})")
     if probes.get("twin"):
         t = probes["twin"]
         lines.append(
@@ -649,6 +687,10 @@ def report(name: str, f: Dict, probes: Dict) -> str:
         )
         lines.append(f"  expected decode       {f['tok_s']:.2f} tok/s")
         lines.append(f"  how far to trust it   {TRUST}")
+    hint = blas_hint(probes["matmul"]) if probes.get("matmul") else None
+    if hint:
+        lines.append("")
+        lines.append(f"  hint: {hint}")
     return "\n".join(lines)
 
 
@@ -753,6 +795,7 @@ def main(argv=None):
             probes["disk"] = disk_bandwidth(sizes["probe_file"], args.probe_mb * 2**20)
         if args.compute_gbps is None:
             probes["compute"] = compute_bandwidth(quantized=sizes.get("experts_quantized", True))
+        probes["matmul"] = matmul_gflops()
     disk = args.disk_gbps * 1e9 if args.disk_gbps else (probes.get("disk") or {}).get("bytes_per_s")
     compute = (
         args.compute_gbps * 1e9
