@@ -205,5 +205,5 @@ def test_a_guess_needs_less_probability_the_more_of_its_layer_the_cache_keeps():
 
     assert guess_threshold(0.125, 32, 2) == guess_threshold(0.125, 32, 4) == 0.125
     assert guess_threshold(0.125, 32, 8) == 0.0625
-    assert guess_threshold(0.125, 64, 32) == 0.03125
+    assert guess_threshold(0.125, 64, 32) == guess_threshold(0.125, 64, 64) == 0.0625
     assert guess_threshold(0.125, 64, 0) == 0.125
