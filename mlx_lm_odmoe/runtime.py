@@ -32,18 +32,6 @@ def find_model_dir(settings: Settings) -> Optional[Path]:
     return None
 
 
-def guess_threshold(min_prob: float, num_experts: int, slots: int) -> float:
-    """The probability a guess needs before it is read: ``min_prob`` where
-    a layer keeps an eighth of its experts or fewer, down to half of it
-    where it keeps a quarter or more. Each guess read into the cache evicts
-    the layer's coldest expert, which is less likely to be wanted again the
-    more the layer keeps; lower still, guesses cost more disk time than
-    they save (I/O-bound testbeds: at 12.5% 0.125 beat 0.05 by 14% in
-    decode on qwen-wide; at 25% 0.0625 beat 0.125 by 4-5% on both models;
-    at 50% 0.031 read 0.43 bytes of unused guesses per missed byte)."""
-    return min_prob * min(1.0, max(0.5, num_experts / (8 * max(1, slots))))
-
-
 class ExpertRuntime:
     """Owns the expert store of one model; blocks reach it lazily."""
 
@@ -143,9 +131,6 @@ class ExpertRuntime:
             staging=plan.staging if self.predictor is not None else 0,
         )
         store.prefetch_width = self.top_k
-        self.prefetch_min_prob = guess_threshold(
-            self.settings.prefetch_min_prob, layout.num_experts, plan.slots
-        )
         if store.identity and self.settings.preload:
             store.warm(layers)
         self._store = store

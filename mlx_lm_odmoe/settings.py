@@ -52,10 +52,10 @@ class Settings:
     policy: str = field(default="lfu-decay", metadata=_env("policy"))
     predictor: str = field(default="auto", metadata=_env("predictor"))
     # Prefetch chosen on the trained models: one layer ahead, guesses with
-    # p >= 0.125 where a layer keeps 1/8 of its experts or fewer, down to
-    # half that where it keeps more (runtime.guess_threshold), 4 staging
-    # slots per layer taken out of the budget, only when a read takes
-    # >= 0.5 ms.
+    # p >= 0.125 (benchmarks/results/predict; in the I/O-bound benchmark
+    # 0.0625 hid no more and read 0.3-0.4 bytes of unused guesses per
+    # missed byte), 4 staging slots per layer taken out of the budget, only
+    # when a read takes >= 0.5 ms.
     prefetch_distance: int = 1
     prefetch_min_prob: float = 0.125
     prefetch_stride: int = 1

@@ -198,12 +198,3 @@ def test_guesses_read_into_the_cache_replace_the_victim_and_unused_ones_are_wast
     others = np.flatnonzero(store._layers[layer].expert_slot < 0)[:3]
     store.fetch(layer, others)  # evicts, among others, the unused guess 6
     assert store.telemetry.snapshot()["wasted_bytes"] == rec
-
-
-def test_a_guess_needs_less_probability_the_more_of_its_layer_the_cache_keeps():
-    from mlx_lm_odmoe.runtime import guess_threshold
-
-    assert guess_threshold(0.125, 32, 2) == guess_threshold(0.125, 32, 4) == 0.125
-    assert guess_threshold(0.125, 32, 8) == 0.0625
-    assert guess_threshold(0.125, 64, 32) == guess_threshold(0.125, 64, 64) == 0.0625
-    assert guess_threshold(0.125, 64, 0) == 0.125
