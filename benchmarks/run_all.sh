@@ -79,3 +79,12 @@ $PY benchmarks/io_bound.py --model $DATA/kimi-wide --compare-prefetch 50%,25%,12
     --tokens 48 --out $RES/io-bound/kimi-wide
 $PY benchmarks/io_bound.py --model $DATA/kimi-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
     --rounds 3 --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/kimi-wide-3-rounds
+# Prompts read ahead: everything in one run per testbed, 3 rounds; then the
+# same testbed with OpenBLAS preloaded (apt install libopenblas0-pthread).
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --budgets 50%,25%,12.5% \
+    --compare-prefetch 25%,12.5% --rounds 3 --tokens 48 --out $RES/io-bound/qwen-wide-pipelined
+$PY benchmarks/io_bound.py --model $DATA/kimi-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
+    --rounds 3 --tokens 48 --out $RES/io-bound/kimi-wide-pipelined
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
+    --budgets 25%,12.5% --compare-prefetch 25% --rounds 2 --tokens 48 --warm-start-budget '' \
+    --out $RES/io-bound/qwen-wide-openblas
