@@ -276,27 +276,35 @@ class OnDemandSwitchGLU(nn.Module):
         chunks, keep = _pass_chunks(store, self.layer, experts, cap, pipelined=background)
         outs, done = [], []
         chunk_fetch = self._chunk_fetch(store, chunks[0], keep)
-        for i, chunk in enumerate(chunks):
-            pool, slots = chunk_fetch()
-            member = np.zeros(store.layout.num_experts, dtype=bool)
-            member[chunk] = True
-            routes = order[member[flat[order]]]  # this chunk's routes, by expert
-            remap = np.zeros(store.layout.num_experts, dtype=np.int32)
-            remap[chunk] = slots
-            xs = tokens[mx.array(routes // k)]
-            y = self._run(store, pool, xs, mx.array(remap[flat[routes]])[:, None])
-            y = y.squeeze(-2)
-            nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-            held = chunk if keep is None else np.union1d(keep, chunk)
-            ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
-            if ahead:  # this chunk's experts stay put while the next one's are read
-                mx.async_eval(y)
-                chunk_fetch = self._chunk_fetch(store, nxt, held)
-            mx.eval(y)  # later chunks may overwrite these slots
-            if nxt is not None and not ahead:
-                chunk_fetch = self._chunk_fetch(store, nxt, keep)
-            outs.append(y)
-            done.append(routes)
+        try:
+            for i, chunk in enumerate(chunks):
+                pool, slots = chunk_fetch()
+                member = np.zeros(store.layout.num_experts, dtype=bool)
+                member[chunk] = True
+                routes = order[member[flat[order]]]  # this chunk's routes, by expert
+                remap = np.zeros(store.layout.num_experts, dtype=np.int32)
+                remap[chunk] = slots
+                xs = tokens[mx.array(routes // k)]
+                y = self._run(store, pool, xs, mx.array(remap[flat[routes]])[:, None])
+                y = y.squeeze(-2)
+                nxt = chunks[i + 1] if i + 1 < len(chunks) else None
+                held = chunk if keep is None else np.union1d(keep, chunk)
+                ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
+                if ahead:  # this chunk's experts stay put while the next one's are read
+                    mx.async_eval(y)
+                    chunk_fetch = self._chunk_fetch(store, nxt, held)
+                mx.eval(y)  # later chunks may overwrite these slots
+                if nxt is not None and not ahead:
+                    chunk_fetch = self._chunk_fetch(store, nxt, keep)
+                outs.append(y)
+                done.append(routes)
+        except BaseException:
+            if background:  # reads in flight land before a later pass counts on their slots
+                try:
+                    chunk_fetch()
+                except BaseException:
+                    pass
+            raise
         back = np.argsort(np.concatenate(done), kind="stable")
         y = mx.concatenate(outs, axis=0)[mx.array(back)]
         return y.reshape(*ids.shape, -1)

@@ -141,3 +141,41 @@ def test_a_pass_bigger_than_the_cache_reads_the_next_chunk_while_this_one_comput
     reads = reader.reads
     assert mx.array_equal(block(x, inds), glu(x, inds)).item()
     assert reader.reads - reads <= E  # once per expert per pass, whatever stayed resident
+
+
+def test_a_pass_that_fails_midway_leaves_no_read_in_flight(monkeypatch):
+    """When a chunk's compute fails while the next chunk is being read,
+    those reads land before the error leaves the block (a later pass
+    counts their slots as holding whole experts), and the next pass
+    matches stock."""
+    import sys
+    import time
+
+    class SlowReader(StackedArraysReader):
+        def read(self, layer, expert):
+            time.sleep(0.05)
+            return super().read(layer, expert)
+
+    glu, q = stock_glu(None, None)
+    store = CachedStore(SlowReader(glu, q), 4)
+    store.inline_read_s = -1.0  # every read on the store's threads
+    started, start_read = [], store._start_read
+    store._start_read = lambda *a: started.append(start_read(*a)) or started[-1]
+    block = OnDemandSwitchGLU(_Runtime(store), 0, D, H, E)
+    x = mx.random.normal((1, 64, D))
+    inds = routes(64, seed=5)
+    want = glu(x, inds)
+    mx.eval(x, inds, want)
+    evaluate = mx.eval
+
+    def failing_eval(*arrays):
+        if sys._getframe(1).f_code.co_name == "_expert_major":  # a chunk's compute
+            raise RuntimeError("compute failed")
+        evaluate(*arrays)
+
+    monkeypatch.setattr(mx, "eval", failing_eval)
+    with pytest.raises(RuntimeError, match="compute failed"):
+        block(x, inds)
+    monkeypatch.setattr(mx, "eval", evaluate)
+    assert len(started) > 2 and all(read.done() for read in started)
+    assert mx.array_equal(block(x, inds), want).item()
