@@ -204,15 +204,20 @@ class OnDemandSwitchGLU(nn.Module):
             parts.append(y)
             order.extend(routes)
 
-        for i in [i for i in f.pending if f.ready(i)]:
-            f.wait(i)
-        resident = [j for j, i in enumerate(route_pos) if i not in f.pending]
-        if resident:
-            run(resident)
-        then()
-        while f.pending:
-            i = f.wait_any()
-            run([j for j, p in enumerate(route_pos) if p == i])
+        try:
+            for i in [i for i in f.pending if f.ready(i)]:
+                f.wait(i)
+            resident = [j for j, i in enumerate(route_pos) if i not in f.pending]
+            if resident:
+                run(resident)
+            then()
+            while f.pending:
+                i = f.wait_any()
+                run([j for j, p in enumerate(route_pos) if p == i])
+        except BaseException:
+            for i in list(f.pending):  # as in _expert_major: no read left in flight
+                f.wait_quietly(i)
+            raise
         y = mx.concatenate(parts, axis=-2)
         y = mx.take(y, mx.array(np.argsort(order)), axis=-2)
         mx.async_eval(y)
