@@ -337,11 +337,16 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
         "| contender | cgroup limit | tok/s | vs resident | step ms | bound ms | step / bound "
         "| bound with guesses ms "
         "| hit rate | Belady | LFU (sim) | missed MB/token | disk MB/token | read wait ms/token "
-        "| prefetch | wasted / missed | TTFT s | peak cgroup | tokens match |",
-        "|---" * 19 + "|",
+        "| prefetch | wasted / missed | TTFT s | peak cgroup | peak RSS "
+        "| RSS / (resident + budget) | tokens match |",
+        "|---" * 21 + "|",
     ]
+    margin = meta.get("margin_gb")
     for r in rows:
         s = r.get("stats") or {}
+        held = None  # resident weights + the budget: the cgroup less its margin
+        if margin is not None and r.get("budget") and r.get("cgroup_limit_bytes"):
+            held = r["cgroup_limit_bytes"] - margin * GB
         lines.append(
             "| "
             + " | ".join(
@@ -368,6 +373,10 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
                     _fmt(r.get("wasted_vs_missed"), "{:.2f}"),
                     _fmt(r.get("ttft_s")),
                     bench._gb(r.get("cgroup_peak_bytes")),
+                    bench._gb(r.get("peak_rss_bytes")),
+                    _fmt(
+                        held and r.get("peak_rss_bytes") and r["peak_rss_bytes"] / held, "{:.2f}x"
+                    ),
                     {True: "yes", False: "**no**"}.get(r.get("tokens_match"), ""),
                 ]
             )
@@ -610,6 +619,7 @@ def main(argv=None):
     meta = {
         "title": args.title or f"I/O-bound decode: {model.name}",
         "long_prompt": args.long_prompt,
+        "margin_gb": args.margin,
         "facts": {
             "model": f"{model.name}: {sizes['expert_bytes'] / GB:.2f} GB of experts "
             f"({record / 1e6:.1f} MB each), {sizes['resident_bytes'] / 1e6:.0f} MB resident weights",
