@@ -287,11 +287,9 @@ class OnDemandSwitchGLU(nn.Module):
                 member = np.zeros(store.layout.num_experts, dtype=bool)
                 member[chunk] = True
                 routes = order[member[flat[order]]]  # this chunk's routes, by expert
-                remap = np.zeros(store.layout.num_experts, dtype=np.int32)
-                remap[chunk] = slots
-                xs = tokens[mx.array(routes // k)]
-                y = self._run(store, pool, xs, mx.array(remap[flat[routes]])[:, None])
-                y = y.squeeze(-2)
+                y = self._run_routes(
+                    store, pool, _slot_ids(store, chunk, slots, flat[routes]), tokens, routes // k
+                )
                 nxt = chunks[i + 1] if i + 1 < len(chunks) else None
                 held = chunk if keep is None else np.union1d(keep, chunk)
                 ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
@@ -313,6 +311,12 @@ class OnDemandSwitchGLU(nn.Module):
         back = np.argsort(np.concatenate(done), kind="stable")
         y = mx.concatenate(outs, axis=0)[mx.array(back)]
         return y.reshape(*ids.shape, -1)
+
+    def _run_routes(self, store, pool, slot_ids, tokens, rows):
+        """[R, D] outputs of routes to pool slots ``slot_ids`` for the
+        ``tokens`` at ``rows``, one route per call row."""
+        xs = tokens[mx.array(rows)]
+        return self._run(store, pool, xs, mx.array(slot_ids)[:, None]).squeeze(-2)
 
     def _chunk_fetch(self, store, chunk, keep):
         """Starts bringing ``chunk`` in (never evicting ``keep``); returns a
