@@ -98,6 +98,28 @@ def test_numpy_and_mlx_corrections_learn_alike(pair_lr):
         assert np.allclose(x, np.array(y), atol=1e-5)
 
 
+@pytest.mark.parametrize("pair_lr", [0.0, 0.5])
+def test_a_tokens_arrivals_from_every_layer_learn_as_one_at_a_time(pair_lr):
+    """numpy learns a decode token's arrivals together when a source next
+    needs its values; MLX learns each as it arrives: the same values."""
+    rng, layers, d = np.random.default_rng(1), [0, 1, 2, 3, 4], 2
+    a, b = OnlineCorrection(E, d, np, pair_lr=pair_lr), OnlineCorrection(E, d, mx, pair_lr=pair_lr)
+    for _ in range(12):  # tokens
+        for i, layer in enumerate(layers):
+            truth = rng.choice(E, (1, K), replace=False)
+            a.learn(layer, truth)
+            b.learn(layer, mx.array(truth))
+            targets = layers[i + 1 : i + 1 + d]
+            if not targets:
+                continue
+            ta, tb = a.terms(layer, targets, truth), b.terms(layer, targets, mx.array(truth))
+            for x, y in zip(ta, tb):
+                assert np.allclose(x, np.array(y), atol=1e-5), layer
+            s, c, look = rng.normal(size=(3, 1, len(targets), E)).astype(np.float32)
+            a.remember(layer, targets, s, c, truth, look)
+            b.remember(layer, targets, *map(mx.array, (s, c, truth, look)))
+
+
 def test_a_new_request_starts_from_the_trained_model():
     adapt = OnlineCorrection(E, 2, np)
     steps(adapt, np.zeros((1, E), np.float32), np.ones((1, E), np.float32), np.array([[1, 2]]))

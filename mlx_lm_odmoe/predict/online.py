@@ -71,11 +71,20 @@ class OnlineCorrection:
         self._pair: Dict[int, object] = {}  # source -> [distance, E (at L), E (at t)]
         self._recall: Dict[int, object] = {}  # source -> [distance, 2]: shadow, lookahead
         self._pending: Dict[int, List[tuple]] = {}
+        self._deferred: List[tuple] = []  # decode rows' arrivals, learnt in one batch
+        self._deferred_keys = set()  # their (source, distance index)
+        self._deferred_sources = set()
+        self._rows: Dict[int, int] = {}  # numpy: source -> its row in _stack
+        self._rows_cache = {}
+        kinds = ("gate", "bias", "recall") + (("pair",) if self.pair_lr else ())
+        self._stack = {kind: self._fresh(kind, 0) for kind in kinds} if self.xp is np else {}
 
     def terms(self, source: int, targets: List[int], cur=None):
         """(gate [m, 1], bias [m, E]) for ``source``'s step to its first m
         later layers ``targets``; with pairs learned, the bias is per row of
         ``cur`` (the experts ``source`` chose, [N, k]): [N, m, E]."""
+        if source in self._deferred_sources:
+            self._flush()
         gate, bias = self._state(source)
         m = len(targets)
         if not self.pair_lr or cur is None:
@@ -85,14 +94,44 @@ class OnlineCorrection:
 
     def _state(self, source: int):
         if source not in self._gate:
-            xp = self.xp
-            self._gate[source] = xp.ones((self.distance, 1), dtype=xp.float32)
-            self._bias[source] = xp.zeros((self.distance, self.num_experts), dtype=xp.float32)
-            self._recall[source] = xp.zeros((self.distance, 2), dtype=xp.float32)
-            if self.pair_lr:
+            if self.xp is np:
+                self._add_row(source)
+            else:
                 E = self.num_experts
-                self._pair[source] = xp.zeros((self.distance, E, E), dtype=xp.float32)
+                self._gate[source] = mx.ones((self.distance, 1), dtype=mx.float32)
+                self._bias[source] = mx.zeros((self.distance, E), dtype=mx.float32)
+                self._recall[source] = mx.zeros((self.distance, 2), dtype=mx.float32)
+                if self.pair_lr:
+                    self._pair[source] = mx.zeros((self.distance, E, E), dtype=mx.float32)
         return self._gate[source], self._bias[source]
+
+    def _add_row(self, source: int):
+        """numpy: each source's values are one row of an array per kind
+        (the dicts hold views), so a batch of arrivals from several sources
+        updates each kind in one operation."""
+        row = self._rows[source] = len(self._rows)
+        if row == len(self._stack["gate"]):  # full: double
+            self._stack = {
+                kind: np.concatenate([a, self._fresh(kind, max(4, len(a)))])
+                for kind, a in self._stack.items()
+            }
+            for src in self._rows:
+                self._bind(src)
+        else:
+            self._bind(source)
+
+    def _bind(self, source):
+        row = self._rows[source]
+        for kind, views in (("gate", self._gate), ("bias", self._bias), ("recall", self._recall)):
+            views[source] = self._stack[kind][row]
+        if self.pair_lr:
+            self._pair[source] = self._stack["pair"][row]
+
+    def _fresh(self, kind: str, n: int) -> np.ndarray:
+        d, E = self.distance, self.num_experts
+        shape = {"gate": (1,), "bias": (E,), "recall": (2,), "pair": (E, E)}[kind]
+        fill = np.ones if kind == "gate" else np.zeros
+        return fill((n, d) + shape, dtype=np.float32)
 
     def remember(self, source, targets, scores, correction, cur=None, lookahead=None):
         """Keep ``scores``, ``correction`` and ``lookahead`` (the prior's
@@ -113,7 +152,8 @@ class OnlineCorrection:
         xp = self.xp
         truth = truth.reshape(-1, truth.shape[-1])
         if xp is np and truth.shape[0] == 1 and self.switch_rate and all(map(_one_row, waiting)):
-            return self._learn_row(waiting, truth)
+            return self._defer(waiting, truth)
+        self._flush()
         target = _hot(xp, truth, self.num_experts) / truth.shape[-1]
         for source, j, scores, corr, cur, look in waiting:
             if scores.shape[0] != truth.shape[0]:
@@ -136,28 +176,73 @@ class OnlineCorrection:
             if self.pair_lr and cur is not None:
                 self._learn_pair(self._pair[source], j, cur, g)
 
-    def _learn_row(self, waiting, truth):
-        """:meth:`learn` for one decode row in numpy, on vectors."""
-        k = truth.shape[-1]
-        target = np.zeros(self.num_experts, dtype=np.float32)
-        target[truth[0]] = 1.0 / k
-        r, keep = self.switch_rate, 1 - self.decay
-        for source, j, scores, corr, cur, look in waiting:
-            gate, bias = self._state(source)
-            full = look[0] + corr[0]
-            e = np.exp(full - full.max())
-            g = e / e.sum() - target
-            b = bias[j] * keep - self.bias_lr * g
-            rec = self._recall[source][j]  # shadow's and lookahead's decayed recall
-            rec *= 1 - r
-            rec[0] += r * float(target[np.argpartition(-full, k - 1)[:k]].sum())
-            rec[1] += r * float(target[np.argpartition(-look[0], k - 1)[:k]].sum())
-            gate[j] = np.float32(rec[0] >= rec[1])
-            np.clip(b, -self.bias_clip, self.bias_clip, out=bias[j])
-            if self.pair_lr and cur is not None:
-                pair = self._pair[source][j]
-                pair *= keep
-                pair[cur[0]] -= (self.pair_lr / cur.shape[-1]) * g
+    def _defer(self, waiting, truth):
+        """Decode rows: a source's values are next read at its next step
+        (:meth:`terms`), a token later, so a token's arrivals from every
+        layer are learnt together there, as one batch of vectors."""
+        for w in waiting:
+            key = (w[0], w[1])
+            if key in self._deferred_keys:  # a second arrival for the same values
+                self._flush()
+            self._deferred.append((w, truth[0]))
+            self._deferred_keys.add(key)
+            self._deferred_sources.add(key[0])
+
+    def _flush(self):
+        """:meth:`learn` for the deferred decode rows (one per source and
+        distance), in numpy, on every row at once."""
+        if not self._deferred:
+            return
+        batch, self._deferred = self._deferred, []
+        self._deferred_keys, self._deferred_sources = set(), set()
+        for (source, *_), _ in batch:
+            if source not in self._rows:
+                self._state(source)
+        n, E, k = len(batch), self.num_experts, batch[0][1].shape[-1]
+        at = (
+            np.array([self._rows[w[0]] for w, _ in batch]),
+            np.array([w[1] for w, _ in batch]),
+        )
+        rows = self._index_rows(n)
+        look = np.concatenate([w[5] for w, _ in batch])
+        full = look + np.concatenate([w[3] for w, _ in batch])
+        target = np.zeros((n, E), dtype=np.float32)
+        target[rows[:n], np.array([t for _, t in batch])] = 1.0 / k
+        e = np.exp(full - full.max(axis=-1, keepdims=True))
+        g = e / e.sum(axis=-1, keepdims=True) - target
+        r, keep, S = self.switch_rate, 1 - self.decay, self._stack
+        b = S["bias"][at] * keep - self.bias_lr * g
+        S["bias"][at] = np.clip(b, -self.bias_clip, self.bias_clip, out=b)
+        # Decayed top-k recall of the shadow's ranking and the lookahead's,
+        # both from one partition; the gate stays open while the shadow's
+        # is at least the lookahead's.
+        top = np.argpartition(-np.concatenate([full, look]), k - 1, axis=-1)[:, :k]
+        hits = target[rows % n, top].sum(-1).reshape(2, n).T
+        rec = S["recall"][at] * (1 - r) + r * hits
+        S["recall"][at] = rec
+        S["gate"][at] = rec[:, :1] >= rec[:, 1:]
+        if self.pair_lr:
+            self._learn_pairs(batch, at, g, keep)
+
+    def _index_rows(self, n):
+        """[2n, 1] row numbers (cached per batch size)."""
+        rows = self._rows_cache.get(n)
+        if rows is None:
+            rows = self._rows_cache[n] = np.arange(2 * n)[:, None]
+        return rows
+
+    def _learn_pairs(self, batch, at, g, keep):
+        """pair[c] -= lr * g for each row's own experts c (distinct per row)."""
+        curs = [w[4] for w, _ in batch]
+        if any(c is None for c in curs):  # only rows that know their experts
+            has = np.array([c is not None for c in curs])
+            if not has.any():
+                return
+            at, g, curs = (at[0][has], at[1][has]), g[has], [c for c in curs if c is not None]
+        cur = np.concatenate(curs)
+        P = self._stack["pair"]
+        P[at] *= keep
+        P[at[0][:, None], at[1][:, None], cur] -= (self.pair_lr / cur.shape[-1]) * g[:, None, :]
 
     def _switch(self, recall, j, full, look, target, k):
         """1 while the full scores' decayed top-k recall is at least the
