@@ -67,7 +67,8 @@ NOTES = (
     "policy, predictor or overlap can beat it on this disk with this many misses; 'bound "
     "with guesses' counts the prefetched bytes too, which the disk also carried. Belady and LFU (sim) replay "
     "the run's own decode routes from an empty cache with the same slots per layer. "
-    "Read wait: host time the forward pass spent blocked on expert reads. Disk MB/token: "
+    "Read wait: host time the forward pass spent blocked on expert reads. Predictor: CPU "
+    "time of the forward pass's thread in the predictor's calls. Disk MB/token: "
     "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
     "included. With one run per contender (see 'run' above) the machine's noise is not averaged out."
 )
@@ -239,6 +240,8 @@ def run(spec, common, args):
         if s and row["kind"] == "odmoe":
             row["miss_bytes_per_token"] = s["misses"] * s["expert_nbytes"] / n
             row["read_wait_ms_per_token"] = 1e3 * s["read_wait_s"] / n
+            if s.get("predictor_s"):
+                row["predictor_ms_per_token"] = 1e3 * s["predictor_s"] / n
     print(f"  {row['name']}: {row['status']} {row.get('decode_tok_s', 0):.2f} tok/s", flush=True)
     return row
 
@@ -337,9 +340,9 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
         "| contender | cgroup limit | tok/s | vs resident | step ms | bound ms | step / bound "
         "| bound with guesses ms "
         "| hit rate | Belady | LFU (sim) | missed MB/token | disk MB/token | read wait ms/token "
-        "| prefetch | wasted / missed | TTFT s | peak cgroup | peak RSS "
+        "| prefetch | wasted / missed | predictor ms/token | TTFT s | peak cgroup | peak RSS "
         "| RSS / (resident + budget) | tokens match |",
-        "|---" * 21 + "|",
+        "|---" * 22 + "|",
     ]
     margin = meta.get("margin_gb")
     for r in rows:
@@ -371,6 +374,7 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
                     _fmt(r.get("read_wait_ms_per_token"), "{:.0f}"),
                     str(s.get("prefetch", "")),
                     _fmt(r.get("wasted_vs_missed"), "{:.2f}"),
+                    _fmt(r.get("predictor_ms_per_token"), "{:.2f}"),
                     _fmt(r.get("ttft_s")),
                     bench._gb(r.get("cgroup_peak_bytes")),
                     bench._gb(r.get("peak_rss_bytes")),

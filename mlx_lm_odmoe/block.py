@@ -14,6 +14,8 @@ expert-major chunks that each fit, so every expert is read once per layer
 per forward pass.
 """
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -150,9 +152,11 @@ class OnDemandSwitchGLU(nn.Module):
             return self._run(store, pool, x, indices, keep=True)
 
         predictor = self._runtime.predictor
-        pending, guesses_of = (
-            self._predict(predictor, x, indices) if predictor is not None else ([], None)
-        )
+        pending, guesses_of = [], None
+        if predictor is not None:
+            t0 = time.thread_time()
+            pending, guesses_of = self._predict(predictor, x, indices)
+            store.telemetry.record_predictor(time.thread_time() - t0)
         mx.eval(indices, *pending)  # the one host sync per layer
         if self._early is not None:  # the shared expert computes while we fetch
             self._early.start(x)
@@ -163,7 +167,11 @@ class OnDemandSwitchGLU(nn.Module):
         if len(experts) <= store.capacity(self.layer):
             # Guesses for the next layers are read once this layer's own
             # misses are queued and its resident experts are computing.
-            then = None if guesses_of is None else lambda: self._prefetch(store, guesses_of(ids))
+            then = (
+                None
+                if guesses_of is None
+                else lambda: self._prefetch(store, self._timed(store, guesses_of, ids))
+            )
             return self._routed(store, x, ids, experts, then)
         return self._expert_major(store, x, ids, experts)
 
@@ -258,6 +266,13 @@ class OnDemandSwitchGLU(nn.Module):
             self.layer, x[:, -1], indices[:, -1], rt.prefetch_distance, rt.prefetch_min_prob
         )
         return list(guesses.values()), lambda ids: guesses
+
+    @staticmethod
+    def _timed(store, guesses_of, ids):
+        t0 = time.thread_time()
+        guesses = guesses_of(ids)
+        store.telemetry.record_predictor(time.thread_time() - t0)
+        return guesses
 
     @staticmethod
     def _prefetch(store, guesses):

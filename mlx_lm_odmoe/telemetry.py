@@ -71,6 +71,7 @@ class Telemetry:
             self.prefetch_hits = 0
             self.wasted_bytes = 0
             self.read_wait_s = 0.0  # host time blocked on expert reads
+            self.predictor_s = 0.0  # host time in the predictor's calls
             self.preloaded_bytes = 0  # warm start
             self.predicted = {}  # target layer -> experts predicted for it
             self.recall_hits = 0
@@ -193,6 +194,10 @@ class Telemetry:
         with self._lock:
             self.read_wait_s += seconds
 
+    def record_predictor(self, seconds: float):
+        with self._lock:
+            self.predictor_s += seconds
+
     def record_evictions(self, n: int):
         with self._lock:
             self.evictions += n
@@ -255,6 +260,7 @@ class Telemetry:
                 "prefetch_hits": int(self.prefetch_hits),
                 "wasted_bytes": int(self.wasted_bytes),
                 "read_wait_s": float(self.read_wait_s),
+                "predictor_s": float(self.predictor_s),
                 "preloaded_bytes": int(self.preloaded_bytes),
                 "predictor_recall": self.recall_hits / self.recall_total
                 if self.recall_total
@@ -324,6 +330,9 @@ class ExpertStats:
     predictor_recall: Optional[float]
     # Host time the forward pass spent blocked on expert reads (stall)
     read_wait_s: float = 0.0
+    # Host time of the predictor's calls in the forward pass (a predictor on
+    # the device also runs kernels inside the router's sync: not counted)
+    predictor_s: float = 0.0
     # Bytes read at load from the last runs' hottest experts (warm start)
     preloaded_bytes: int = 0
 

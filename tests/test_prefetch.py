@@ -198,3 +198,13 @@ def test_guesses_read_into_the_cache_replace_the_victim_and_unused_ones_are_wast
     others = np.flatnonzero(store._layers[layer].expert_slot < 0)[:3]
     store.fetch(layer, others)  # evicts, among others, the unused guess 6
     assert store.telemetry.snapshot()["wasted_bytes"] == rec
+
+
+def test_stats_count_the_predictors_host_time_only_when_it_runs():
+    prompt = "def main():\n"
+    for predictor, ran in (("on", True), ("off", False)):
+        model, tok = mlx_lm_odmoe.load(
+            SHIPPED, expert_cache="25%", model_config={"odmoe": {"predictor": predictor}}
+        )
+        mlx_lm.generate(model, tok, prompt, max_tokens=8)
+        assert (mlx_lm_odmoe.stats(model).predictor_s > 0) is ran

@@ -173,6 +173,7 @@ def _odmoe_stats(model) -> Optional[dict]:
         "num_experts",
         "expert_nbytes",
         "read_wait_s",
+        "predictor_s",
         "preloaded_bytes",
         "prefetch",
         "prefetched_bytes",
