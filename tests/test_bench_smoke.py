@@ -275,3 +275,13 @@ def test_doctor_says_how_to_speed_prompts_up_where_the_cpu_blas_is_the_reference
     assert "LD_PRELOAD=libopenblas.so.0" in hint and "2.5 GFLOP/s" in hint
     assert blas_hint({"gflops": 60.0, "device": "Device(cpu, 0)"}) is None
     assert blas_hint({"gflops": 2.5, "device": "Device(gpu, 0)"}) is None
+
+
+def test_a_contenders_peak_rss_is_its_own_not_its_parents():
+    """Linux keeps the larger RSS across exec: the driver's own memory must
+    not be billed to the contender it starts."""
+    ballast = np.ones(512 << 20, dtype=np.uint8)  # 512 MB held by this process
+    child = "from mlx_lm_odmoe.tools.bench import _peak_rss_bytes; print(_peak_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 256 << 20
+    del ballast
