@@ -67,6 +67,9 @@ NOTES = (
     "policy, predictor or overlap can beat it on this disk with this many misses; 'bound "
     "with guesses' counts the prefetched bytes too, which the disk also carried. Belady and LFU (sim) replay "
     "the run's own decode routes from an empty cache with the same slots per layer. "
+    "Peak RSS: the contender process's own high-water mark (VmHWM); '- bare process' takes "
+    "off what a process holding no weights at all peaks at (see above), which a stock "
+    "mlx-lm process carries too. "
     "Read wait: host time the forward pass spent blocked on expert reads. Predictor: CPU "
     "time of the forward pass's thread in the predictor's calls. Disk MB/token: "
     "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
@@ -341,10 +344,10 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
         "| bound with guesses ms "
         "| hit rate | Belady | LFU (sim) | missed MB/token | disk MB/token | read wait ms/token "
         "| prefetch | wasted / missed | predictor ms/token | TTFT s | peak cgroup | peak RSS "
-        "| RSS / (resident + budget) | tokens match |",
-        "|---" * 22 + "|",
+        "| RSS / (resident + budget) | (RSS - bare process) / (resident + budget) | tokens match |",
+        "|---" * 23 + "|",
     ]
-    margin = meta.get("margin_gb")
+    margin, bare = meta.get("margin_gb"), meta.get("bare_rss_bytes")
     for r in rows:
         s = r.get("stats") or {}
         held = None  # resident weights + the budget: the cgroup less its margin
@@ -380,6 +383,13 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
                     bench._gb(r.get("peak_rss_bytes")),
                     _fmt(
                         held and r.get("peak_rss_bytes") and r["peak_rss_bytes"] / held, "{:.2f}x"
+                    ),
+                    _fmt(
+                        held
+                        and bare
+                        and r.get("peak_rss_bytes")
+                        and (r["peak_rss_bytes"] - bare) / held,
+                        "{:.2f}x",
                     ),
                     {True: "yes", False: "**no**"}.get(r.get("tokens_match"), ""),
                 ]
@@ -597,6 +607,12 @@ def main(argv=None):
         "split_stats": True,
         "n_ctx": max(args.prompt_tokens, args.long_prompt) + args.tokens + 64,
     }
+    bare = bench.run_contender(
+        {"name": "bare process", "kind": "bare", "path": args.model},
+        SimpleNamespace(cold=False, timeout=args.timeout),
+        None,
+    )
+    bare_rss = bare.get("peak_rss_bytes") if bare["status"] == "ok" else None
     rows = run_rounds(contenders(args, sizes, budgets), common, args)
     used = derive(rows, best, record)
 
@@ -624,6 +640,7 @@ def main(argv=None):
         "title": args.title or f"I/O-bound decode: {model.name}",
         "long_prompt": args.long_prompt,
         "margin_gb": args.margin,
+        "bare_rss_bytes": bare_rss,
         "facts": {
             "model": f"{model.name}: {sizes['expert_bytes'] / GB:.2f} GB of experts "
             f"({record / 1e6:.1f} MB each), {sizes['resident_bytes'] / 1e6:.0f} MB resident weights",
@@ -635,6 +652,9 @@ def main(argv=None):
                 f"median of {args.rounds} interleaved rounds (every round's tok/s in results.json)"
                 if args.rounds > 1
                 else "1 run each"
+            ),
+            "bare process (Python, MLX, mlx-lm, the tokenizer; no weights): peak RSS": bench._gb(
+                bare_rss
             ),
             "MLX BLAS": (args.blas or "the wheel's own (reference BLAS)")
             + f": float32 matmul {gflops:.1f} GFLOP/s",

@@ -285,3 +285,12 @@ def test_a_contenders_peak_rss_is_its_own_not_its_parents():
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) < 256 << 20
     del ballast
+
+
+def test_the_bare_process_contender_holds_a_tokenizer_and_no_weights():
+    from types import SimpleNamespace
+
+    spec = {"name": "bare process", "kind": "bare", "path": str(SHIPPED / "tiny-qwen2-moe")}
+    row = bench.run_contender(spec, SimpleNamespace(cold=False, timeout=120), None)
+    assert row["status"] == "ok" and row["stats"] is None and row["tokens"] == []
+    assert 0 < row["peak_rss_bytes"] < 1 << 30

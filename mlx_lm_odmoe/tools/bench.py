@@ -312,8 +312,22 @@ def _run_llamacpp(spec: dict) -> dict:
     }
 
 
+def _run_bare(spec: dict) -> dict:
+    """What any MLX contender holds before its first weight: Python, MLX,
+    mlx-lm (with this plugin) and the model's tokenizer."""
+    from pathlib import Path
+
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    load_tokenizer(Path(spec["path"]))
+    mx.eval(mx.zeros(1) + 1)
+    return {"tokens": [], "stats": None}
+
+
 def worker(spec: dict):
-    result = _run_llamacpp(spec) if spec["kind"] == "llamacpp" else _run_mlx(spec)
+    run = {"llamacpp": _run_llamacpp, "bare": _run_bare}.get(spec["kind"], _run_mlx)
+    result = run(spec)
     result["peak_rss_bytes"] = _peak_rss_bytes()
     print(RESULT_TAG + json.dumps(result), flush=True)
 
