@@ -143,6 +143,18 @@ class OnlineCorrection:
                 (source, j, scores[:, j], correction[:, j], cur, look)
             )
 
+    def remember_row(self, source, targets, scores, correction, cur, lookahead):
+        """:meth:`remember` for one decode row, given as [m, E] arrays."""
+        if len(targets) == 1:  # already the [1, E] rows kept
+            self._pending.setdefault(targets[0], []).append(
+                (source, 0, scores, correction, cur, lookahead)
+            )
+            return
+        for j, t in enumerate(targets):
+            self._pending.setdefault(t, []).append(
+                (source, j, scores[j : j + 1], correction[j : j + 1], cur, lookahead[j : j + 1])
+            )
+
     def learn(self, layer: int, truth) -> None:
         """One step on every prediction made for ``layer``, whose true top-k
         ([N, k]) is ``truth``."""

@@ -323,10 +323,13 @@ class ShadowModel(ExpertPredictor):
             n, k = topk.shape
             prev = np.stack([self._host_prev(t, n, k) for t in targets], axis=1)
             ids, scores, corr, look = step(x[None], topk, prev, min_prob, online)
-        else:
-            ids, scores, corr, look = step._row(x, topk[0], prev, min_prob, online)
-        adapt.remember(layer, targets, scores, corr, topk, look)
-        return {t: ids[:, j] for j, t in enumerate(targets)}
+            adapt.remember(layer, targets, scores, corr, topk, look)
+            return {t: ids[:, j] for j, t in enumerate(targets)}
+        ids, scores, corr, look = step._row(x, topk[0], prev, min_prob, online)  # [m, ...]
+        adapt.remember_row(layer, targets, scores, corr, topk, look)
+        if len(targets) == 1:
+            return {targets[0]: ids}
+        return {t: ids[j : j + 1] for j, t in enumerate(targets)}
 
     def host_observe(self, layer, topk: np.ndarray):
         topk = topk.reshape(-1, topk.shape[-1])
@@ -364,7 +367,7 @@ class _HostStep:
 
     def __call__(self, x, cur, prev, min_prob, online=None):
         if x.shape[0] == 1 and online is not None and (prev >= 0).all():
-            return self._row(x[0], cur[0], prev[0], min_prob, online)
+            return tuple(a[None] for a in self._row(x[0], cur[0], prev[0], min_prob, online))
         n, m, E, r = x.shape[0], self.m, self.E, self.r
         k = cur.shape[-1]
         rows, js = self._grid(n, m, k)
@@ -398,7 +401,8 @@ class _HostStep:
 
     def _row(self, x, cur, prev, min_prob, online):
         """The same step for one decode row (the usual case) on [m, E]
-        arrays: half the array operations, each on a single vector."""
+        arrays: half the array operations, each on a single vector; the
+        results are [m, ...] (no row axis)."""
         m, E, r = self.m, self.E, self.r
         k = cur.shape[-1]
         z = x @ self.wx
@@ -416,7 +420,7 @@ class _HostStep:
         if min_prob > 0:
             e = np.exp(out - out.max(axis=-1, keepdims=True))
             ids = np.where(e[js, ids] >= min_prob * e.sum(axis=-1, keepdims=True), ids, -1)
-        return ids[None], out[None], resid[None], look[None]
+        return ids, out, resid, look
 
     def _js(self, m):
         js = self.__dict__.get("_js_grid")
