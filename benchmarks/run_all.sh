@@ -85,6 +85,11 @@ $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf -
     --compare-prefetch 25%,12.5% --rounds 3 --tokens 48 --out $RES/io-bound/qwen-wide-pipelined
 $PY benchmarks/io_bound.py --model $DATA/kimi-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
     --rounds 3 --tokens 48 --out $RES/io-bound/kimi-wide-pipelined
+# Each process's own peak RSS (VmHWM), a bare process, the predictor's CPU time.
+for m in qwen-wide kimi-wide; do
+    $PY benchmarks/io_bound.py --model $DATA/$m --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
+        --rounds 3 --tokens 48 --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/$m-rss
+done
 $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
     --budgets 25%,12.5% --compare-prefetch 25% --rounds 2 --tokens 48 --warm-start-budget '' \
     --out $RES/io-bound/qwen-wide-openblas

@@ -239,6 +239,26 @@ def test_large_records_are_read_in_pieces_and_land_one_after_another(models):
         assert mx.array_equal(got, want[name][mx.array(want_slots)]).item()
 
 
+def test_a_guess_is_read_in_smaller_pieces_than_a_demanded_read(models):
+    """A demanded read that arrives while a guess is on the disk waits only
+    for the guess's pieces already started: guesses come in small pieces."""
+    folder = models("qwen2_moe", "odmoe")
+    reader = _PieceLog(folder)
+    store = CachedStore(reader, slots_per_layer=4, threads=2)
+    store.inline_read_s = -1
+    nbytes = reader.layout.record_nbytes
+    store.split_bytes, store.guess_split_bytes = nbytes // 4, nbytes // 8
+    store.begin_fetch(1, np.array([2])).wait_all()
+    demanded = len(reader.pieces)
+    store.prefetch(1, [5])
+    store.begin_fetch(1, np.array([5])).wait_all()  # waits for the guess to land
+    assert demanded == 2 and len(reader.pieces) - demanded == 8
+    want, slots = CachedStore(ShardedFolderReader(folder), slots_per_layer=8).fetch(1, [5])
+    got, got_slots = store.fetch(1, [5])
+    for name in got:
+        assert mx.array_equal(got[name][got_slots[0]], want[name][slots[0]]).item()
+
+
 def test_demanded_reads_go_before_queued_guesses():
     """A guess never keeps the forward pass waiting for the disk: reads it
     needs run before any guess still queued, each kind in order."""

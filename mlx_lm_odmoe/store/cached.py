@@ -153,6 +153,9 @@ class CachedStore(ExpertStore):
         self._queue = ReadQueue(threads)
         # Records at least twice this size are read in pieces (see _start_read).
         self.split_bytes = 4 << 20
+        # Guesses in smaller pieces: a demanded read that arrives while a
+        # guess is on the disk waits only for the pieces already started.
+        self.guess_split_bytes = 2 << 20
         # Reads that come from memory (page cache) faster than a thread
         # hand-off run on the calling thread.
         self.inline_read_s = 200e-6
@@ -366,6 +369,8 @@ class CachedStore(ExpertStore):
         and together, they would all land at the end."""
         nbytes = self.layout.record_nbytes
         parts = min(self._queue.threads, nbytes // self.split_bytes)
+        if priority == GUESS and parts >= 2:
+            parts = max(parts, nbytes // self.guess_split_bytes)
         if parts < 2 or st.rows is None or not self.reader.reads_spans:
             fut = self._queue.submit(priority, self._read_slot, layer, st, expert, slot)
             fut.pieces = [fut]
