@@ -43,9 +43,9 @@ def _pass_chunks(store, layer, experts, cap, pipelined=False):
 
     Where the store ranks experts by use (this run's and earlier runs'),
     the hottest resident ones (up to half the slots) stay for the whole
-    pass and run last, the others run coldest first: no resident hot
-    expert is read twice, and the hottest are the ones resident when the
-    pass ends and decoding begins. ``pipelined``: two consecutive chunks
+    pass and run last, the other resident ones run first and the rest
+    coldest first: no resident expert is read twice, and the hottest are
+    the ones resident when the pass ends and decoding begins. ``pipelined``: two consecutive chunks
     (and the kept experts) fit at once, so the next chunk is read while
     this one computes."""
     rank = getattr(store, "pass_order", None)
@@ -55,10 +55,17 @@ def _pass_chunks(store, layer, experts, cap, pipelined=False):
     ranked = rank(layer, experts)  # coldest first
     resident = store.resident_mask(layer, ranked)
     keep = ranked[resident][::-1][: cap // 2]
-    others = ranked[~np.isin(ranked, keep)]
+    here = ranked[resident & ~np.isin(ranked, keep)]  # resident, not kept: they fit in room
+    away = ranked[~resident]
     room = cap - len(keep)
     step = room // 2 if pipelined and room >= 2 else room
-    chunks = [np.sort(others[i : i + step]) for i in range(0, len(others), step)]
+    # The resident ones that are not kept run first, before any read can
+    # evict them; the first chunk to read is small enough to be read
+    # beside them where it can.
+    chunks = [np.sort(here)] if len(here) else []
+    lead = min(step, room - len(here)) if len(here) and room > len(here) else step
+    cuts = [0] + list(range(lead, len(away), step)) + [len(away)]
+    chunks += [np.sort(away[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
     if len(keep):
         chunks.append(np.sort(keep))
     return chunks, keep

@@ -99,6 +99,21 @@ def test_each_expert_is_read_once_per_pass_even_when_the_prompt_needs_more_than_
     assert reader.reads == len(np.unique(np.array(inds)))
 
 
+@pytest.mark.parametrize("slots", [3, 4, 6])
+def test_a_pass_reads_none_of_the_experts_already_resident(slots):
+    """A second long prompt finds some experts resident (the hottest, kept
+    through the pass, and others): none of them is evicted before its turn
+    and read again."""
+    glu, reader, store, block = float_block(slots)
+    x = mx.random.normal((1, 64, D))
+    inds = routes(64, seed=7)
+    block(x, inds)
+    resident = int(store.resident_mask(0, np.arange(E)).sum())
+    reader.reads = 0
+    assert mx.array_equal(block(x, inds), glu(x, inds)).item()
+    assert reader.reads == len(np.unique(np.array(inds))) - resident
+
+
 @pytest.mark.parametrize("kind", ["qwen2_moe", "kimi_k2"])
 def test_the_shared_expert_starts_early_and_is_computed_once(models, kind):
     """The block starts the shared expert right after the router's sync (it
