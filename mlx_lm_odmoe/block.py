@@ -39,36 +39,36 @@ def moe_layers_of(model) -> list:
 
 def _pass_chunks(store, layer, experts, cap, pipelined=False):
     """Chunks of at most ``cap`` experts for a pass that cannot hold them
-    all, and the experts to keep resident throughout (None: any order).
+    all, the experts to keep resident throughout (None: any order) and the
+    other resident ones, which the first chunks run.
 
     Where the store ranks experts by use (this run's and earlier runs'),
     the hottest resident ones (up to half the slots) stay for the whole
-    pass and run last, the other resident ones run first and the rest
-    coldest first: no resident expert is read twice, and the hottest are
-    the ones resident when the pass ends and decoding begins. ``pipelined``: two consecutive chunks
+    pass and run last; the other resident ones run first, and no read
+    evicts one of them before its turn; the rest run coldest first. So no
+    resident expert is read twice, the first chunk computes without
+    waiting for a read, and the hottest are the ones resident when the
+    pass ends and decoding begins. ``pipelined``: two consecutive chunks
     (and the kept experts) fit at once, so the next chunk is read while
     this one computes."""
     rank = getattr(store, "pass_order", None)
     if rank is None:
         step = cap // 2 if pipelined and cap >= 2 else cap
-        return [experts[i : i + step] for i in range(0, len(experts), step)], None
+        return [experts[i : i + step] for i in range(0, len(experts), step)], None, experts[:0]
     ranked = rank(layer, experts)  # coldest first
     resident = store.resident_mask(layer, ranked)
     keep = ranked[resident][::-1][: cap // 2]
-    here = ranked[resident & ~np.isin(ranked, keep)]  # resident, not kept: they fit in room
-    away = ranked[~resident]
+    here = ranked[resident & ~np.isin(ranked, keep)]
     room = cap - len(keep)
     step = room // 2 if pipelined and room >= 2 else room
-    # The resident ones that are not kept run first, before any read can
-    # evict them; the first chunk to read is small enough to be read
-    # beside them where it can.
-    chunks = [np.sort(here)] if len(here) else []
-    lead = min(step, room - len(here)) if len(here) and room > len(here) else step
-    cuts = [0] + list(range(lead, len(away), step)) + [len(away)]
-    chunks += [np.sort(away[a:b]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    chunks = [
+        np.sort(part[i : i + step])
+        for part in (here, ranked[~resident])
+        for i in range(0, len(part), step)
+    ]
     if len(keep):
         chunks.append(np.sort(keep))
-    return chunks, keep
+    return chunks, keep, here
 
 
 def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -300,9 +300,10 @@ class OnDemandSwitchGLU(nn.Module):
         tokens = x.reshape(-1, x.shape[-1])
         background = hasattr(store, "begin_fetch")
         cap = store.capacity(self.layer)
-        chunks, keep = _pass_chunks(store, self.layer, experts, cap, pipelined=background)
+        chunks, keep, here = _pass_chunks(store, self.layer, experts, cap, pipelined=background)
+        keep = np.zeros(0, dtype=experts.dtype) if keep is None else keep
         outs, done = [], []
-        chunk_fetch = self._chunk_fetch(store, chunks[0], keep)
+        chunk_fetch = self._chunk_fetch(store, chunks[0], np.union1d(keep, here))
         try:
             for i, chunk in enumerate(chunks):
                 pool, slots = chunk_fetch()
@@ -313,14 +314,16 @@ class OnDemandSwitchGLU(nn.Module):
                     store, pool, _slot_ids(store, chunk, slots, flat[routes]), tokens, routes // k
                 )
                 nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-                held = chunk if keep is None else np.union1d(keep, chunk)
+                # Never evicted: the kept experts and the resident ones still to run.
+                stay = np.union1d(keep, np.setdiff1d(here, np.concatenate(chunks[: i + 1])))
+                held = np.union1d(stay, chunk)
                 ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
                 if ahead:  # this chunk's experts stay put while the next one's are read
                     mx.async_eval(y)
                     chunk_fetch = self._chunk_fetch(store, nxt, held)
                 mx.eval(y)  # later chunks may overwrite these slots
                 if nxt is not None and not ahead:
-                    chunk_fetch = self._chunk_fetch(store, nxt, keep)
+                    chunk_fetch = self._chunk_fetch(store, nxt, stay)
                 outs.append(y)
                 done.append(routes)
         except BaseException:
