@@ -17,9 +17,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from .cache_dir import user_cache_dir
+
 logger = logging.getLogger("mlx_lm_odmoe")
 
-CACHE_ENV = "XDG_CACHE_HOME"
 DECAY = 0.5  # weight of the earlier runs' counts when a run's are added
 
 
@@ -34,8 +35,7 @@ def counts_path(model_dir: Path) -> Path:
     except OSError:
         stamp = ""
     key = hashlib.sha1(f"{model_dir}|{stamp}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache")
-    return root / "mlx-lm-odmoe" / "hot-experts" / f"{model_dir.name}-{key}.json"
+    return user_cache_dir("hot-experts") / f"{model_dir.name}-{key}.json"
 
 
 def load_counts(path: Path, moe_layers, num_experts: int) -> Optional[Dict[int, np.ndarray]]:

@@ -389,3 +389,44 @@ def test_corrupt_bytes_read_in_pieces_fail_the_checksum(folder):
     with pytest.raises(ExpertReadError, match=f"{shard.name}.*layer 2 expert 7.*checksum"):
         for e in range(8):
             store.fetch(2, __import__("numpy").array([e]))
+
+
+# Item: checksums once per file version (store/verified.py).
+
+
+def _crc_calls(monkeypatch):
+    from mlx_lm_odmoe.store import readers
+
+    calls, crc32 = [], readers.zlib.crc32
+    monkeypatch.setattr(readers.zlib, "crc32", lambda *a: calls.append(1) or crc32(*a))
+    return calls
+
+
+def test_records_found_intact_are_trusted_while_their_shard_is_unchanged(folder, monkeypatch):
+    from mlx_lm_odmoe.store import ShardedFolderReader
+
+    first = ShardedFolderReader(folder)
+    first.read(2, 7)
+    first.close()  # saves what it found intact
+    calls = _crc_calls(monkeypatch)
+    again = ShardedFolderReader(folder)
+    again.read(2, 7)
+    assert not calls  # checked by the earlier run
+    again.read(2, 6)
+    assert calls  # never checked yet
+
+
+def test_a_shard_changed_since_its_records_were_checked_is_checked_again(folder):
+    from mlx_lm_odmoe.store import ShardedFolderReader
+
+    first = ShardedFolderReader(folder)
+    for e in range(8):
+        first.read(2, e)
+    first.close()
+    shard = shard_of(folder)
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF  # inside the last expert's record, same size
+    shard.write_bytes(bytes(data))
+    again = ShardedFolderReader(folder)
+    with pytest.raises(ExpertReadError, match=f"{shard.name}.*layer 2 expert 7.*checksum"):
+        again.read(2, 7)

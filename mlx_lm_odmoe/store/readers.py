@@ -316,9 +316,12 @@ class ShardedFolderReader(ExpertReader):
         self._lock = threading.Lock()
         self._check_index()
         self._files = _Files(drop_cache)
+        self._ledger = None
         if resolve is None:  # local shards: check them all now, at load
             for i in range(len(self._names)):
                 self.shard_path(i)
+            if verify:
+                self._open_ledger()
 
     def _shard_name(self, shard: dict) -> str:
         name = shard.get("file", "")
@@ -454,7 +457,42 @@ class ShardedFolderReader(ExpertReader):
         # the same experts come back many times a second.
         self._verified.add((layer, expert))
 
+    def _open_ledger(self):
+        """Trust the records an earlier run found intact in shards unchanged
+        since (see verified.py); this run's findings are saved at close or exit."""
+        import atexit
+        import weakref
+
+        from .verified import VerifiedLedger, file_identity, ledger_path
+
+        self._ledger = VerifiedLedger(ledger_path(self.experts_dir))
+        self._identity = {i: file_identity(self.shard_path(i)) for i in range(len(self._names))}
+        for i, identity in self._identity.items():
+            self._verified |= self._ledger.trusted(self._names[i], identity)
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().save_verified())
+
+    def save_verified(self):
+        if self._ledger is None:
+            return
+        from .verified import file_identity
+
+        found = {}
+        for layer, expert in list(self._verified):
+            s = self.layout.locations[layer][expert][0]
+            found.setdefault(s, []).append((layer, expert))
+        out = {}
+        for s, records in found.items():
+            try:
+                same = file_identity(self.shard_path(s)) == self._identity[s]
+            except OSError:
+                same = False
+            if same:  # a shard changed since load: its checks are not kept
+                out[self._names[s]] = (self._identity[s], records)
+        self._ledger.save(out)
+
     def close(self):
+        self.save_verified()
         self._files.close()
 
 
