@@ -90,6 +90,10 @@ for m in qwen-wide kimi-wide; do
     $PY benchmarks/io_bound.py --model $DATA/$m --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
         --rounds 3 --tokens 48 --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/$m-rss
 done
+# Prompts: resident experts run first, checksums once per shard version; OpenBLAS against llama.cpp.
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
+    --budgets 25% --compare-prefetch '' --rounds 2 --tokens 48 --long-prompt 0 --warm-start-budget '' \
+    --out $RES/io-bound/qwen-wide-openblas-ledger
 $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
     --budgets 25%,12.5% --compare-prefetch 25% --rounds 2 --tokens 48 --warm-start-budget '' \
     --out $RES/io-bound/qwen-wide-openblas
