@@ -73,7 +73,9 @@ NOTES = (
     "Read wait: host time the forward pass spent blocked on expert reads. Predictor: CPU "
     "time of the forward pass's thread in the predictor's calls. Disk MB/token: "
     "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
-    "included. With one run per contender (see 'run' above) the machine's noise is not averaged out."
+    "included. Expert checksums: each contender trusts the records an earlier process found "
+    "intact in unchanged shards (store/verified.py; the all-resident contender reads every "
+    "expert first). With one run per contender (see 'run' above) the machine's noise is not averaged out."
 )
 
 
