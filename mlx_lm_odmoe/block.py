@@ -159,11 +159,11 @@ class OnDemandSwitchGLU(nn.Module):
             return self._run(store, pool, x, indices, keep=True)
 
         predictor = self._runtime.predictor
-        pending, guesses_of = [], None
-        if predictor is not None:
-            t0 = time.thread_time()
-            pending, guesses_of = self._predict(predictor, x, indices)
-            store.telemetry.record_predictor(time.thread_time() - t0)
+        pending, guesses_of = (
+            self._timed(store, self._predict, predictor, x, indices)
+            if predictor is not None
+            else ([], None)
+        )
         mx.eval(indices, *pending)  # the one host sync per layer
         if self._early is not None:  # the shared expert computes while we fetch
             self._early.start(x)
@@ -275,11 +275,12 @@ class OnDemandSwitchGLU(nn.Module):
         return list(guesses.values()), lambda ids: guesses
 
     @staticmethod
-    def _timed(store, guesses_of, ids):
+    def _timed(store, fn, *args):
+        """``fn(*args)``, its CPU time on this thread counted as the predictor's."""
         t0 = time.thread_time()
-        guesses = guesses_of(ids)
+        out = fn(*args)
         store.telemetry.record_predictor(time.thread_time() - t0)
-        return guesses
+        return out
 
     @staticmethod
     def _prefetch(store, guesses):
@@ -304,6 +305,7 @@ class OnDemandSwitchGLU(nn.Module):
         keep = np.zeros(0, dtype=experts.dtype) if keep is None else keep
         outs, done = [], []
         chunk_fetch = self._chunk_fetch(store, chunks[0], np.union1d(keep, here))
+        here_left = here  # resident experts not kept that are still to run
         try:
             for i, chunk in enumerate(chunks):
                 pool, slots = chunk_fetch()
@@ -315,7 +317,8 @@ class OnDemandSwitchGLU(nn.Module):
                 )
                 nxt = chunks[i + 1] if i + 1 < len(chunks) else None
                 # Never evicted: the kept experts and the resident ones still to run.
-                stay = np.union1d(keep, np.setdiff1d(here, np.concatenate(chunks[: i + 1])))
+                here_left = np.setdiff1d(here_left, chunk)
+                stay = np.union1d(keep, here_left)
                 held = np.union1d(stay, chunk)
                 ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
                 if ahead:  # this chunk's experts stay put while the next one's are read

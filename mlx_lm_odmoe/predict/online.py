@@ -75,7 +75,6 @@ class OnlineCorrection:
         self._deferred_keys = set()  # their (source, distance index)
         self._deferred_sources = set()
         self._rows: Dict[int, int] = {}  # numpy: source -> its row in _stack
-        self._rows_cache = {}
         kinds = ("gate", "bias", "recall") + (("pair",) if self.pair_lr else ())
         self._stack = {kind: self._fresh(kind, 0) for kind in kinds} if self.xp is np else {}
 
@@ -145,11 +144,6 @@ class OnlineCorrection:
 
     def remember_row(self, source, targets, scores, correction, cur, lookahead):
         """:meth:`remember` for one decode row, given as [m, E] arrays."""
-        if len(targets) == 1:  # already the [1, E] rows kept
-            self._pending.setdefault(targets[0], []).append(
-                (source, 0, scores, correction, cur, lookahead)
-            )
-            return
         for j, t in enumerate(targets):
             self._pending.setdefault(t, []).append(
                 (source, j, scores[j : j + 1], correction[j : j + 1], cur, lookahead[j : j + 1])
@@ -215,7 +209,7 @@ class OnlineCorrection:
             np.array([self._rows[w[0]] for w, _ in batch]),
             np.array([w[1] for w, _ in batch]),
         )
-        rows = self._index_rows(n)
+        rows = np.arange(2 * n)[:, None]
         look = np.concatenate([w[5] for w, _ in batch])
         full = look + np.concatenate([w[3] for w, _ in batch])
         target = np.zeros((n, E), dtype=np.float32)
@@ -235,13 +229,6 @@ class OnlineCorrection:
         S["gate"][at] = rec[:, :1] >= rec[:, 1:]
         if self.pair_lr:
             self._learn_pairs(batch, at, g, keep)
-
-    def _index_rows(self, n):
-        """[2n, 1] row numbers (cached per batch size)."""
-        rows = self._rows_cache.get(n)
-        if rows is None:
-            rows = self._rows_cache[n] = np.arange(2 * n)[:, None]
-        return rows
 
     def _learn_pairs(self, batch, at, g, keep):
         """pair[c] -= lr * g for each row's own experts c (distinct per row)."""

@@ -293,10 +293,10 @@ class ShadowModel(ExpertPredictor):
         adapt = self._adapt.get(np)
         if adapt:
             adapt.learn(layer, topk)
-        out = {}
+        out = None
         if targets and adapt and len(topk) == 1:
             out = self._host_row(layer, targets, step, hidden, topk, min_prob, adapt)
-        elif targets:
+        if targets and out is None:
             n, k = topk.shape
             prev = [self._host_prev(t, n, k) for t in targets]
             prev = prev[0][:, None] if len(prev) == 1 else np.stack(prev, axis=1)
@@ -307,28 +307,20 @@ class ShadowModel(ExpertPredictor):
                 adapt.remember(layer, targets, scores, corr, topk, look)
             out = {t: ids[:, j] for j, t in enumerate(targets)}
         self._host_last[layer] = topk
-        return out
+        return out or {}
 
     def _host_row(self, layer, targets, step, hidden, topk, min_prob, adapt):
         """host_guesses for one decode row with online correction (the
-        usual case), through the fewest array operations."""
+        usual case), through the fewest array operations; None where a
+        target has no previous token yet (the general step handles that)."""
         last = [self._host_last.get(t) for t in targets]
-        if any(p is None or len(p) != 1 for p in last):  # no previous token here yet
-            prev = None
-        else:
-            prev = last[0] if len(last) == 1 else np.concatenate(last)
+        if any(p is None or len(p) != 1 for p in last):
+            return None
+        prev = last[0] if len(last) == 1 else np.concatenate(last)
         x = hidden[0] if hidden.dtype == np.float32 else hidden[0].astype(np.float32)
         online = adapt.terms(layer, targets, topk)
-        if prev is None:
-            n, k = topk.shape
-            prev = np.stack([self._host_prev(t, n, k) for t in targets], axis=1)
-            ids, scores, corr, look = step(x[None], topk, prev, min_prob, online)
-            adapt.remember(layer, targets, scores, corr, topk, look)
-            return {t: ids[:, j] for j, t in enumerate(targets)}
         ids, scores, corr, look = step._row(x, topk[0], prev, min_prob, online)  # [m, ...]
         adapt.remember_row(layer, targets, scores, corr, topk, look)
-        if len(targets) == 1:
-            return {targets[0]: ids}
         return {t: ids[j : j + 1] for j, t in enumerate(targets)}
 
     def host_observe(self, layer, topk: np.ndarray):
