@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU
 
+from . import expert_pass
 from .kernel import expert_tensors, make_kernel, projections, unbind, weightless_copy
 from .switches import STOCK_SWITCHES, switch_layers_of
 
@@ -35,40 +36,6 @@ def _distinct(ids: np.ndarray) -> np.ndarray:
 def moe_layers_of(model) -> list:
     """Indices of the layers that route to experts (hold a switch layer)."""
     return list(switch_layers_of(model, STOCK_SWITCHES + (OnDemandSwitchGLU,)))
-
-
-def _pass_chunks(store, layer, experts, cap, pipelined=False):
-    """Chunks of at most ``cap`` experts for a pass that cannot hold them
-    all, the experts to keep resident throughout (None: any order) and the
-    other resident ones, which the first chunks run.
-
-    Where the store ranks experts by use (this run's and earlier runs'),
-    the hottest resident ones (up to half the slots) stay for the whole
-    pass and run last; the other resident ones run first, and no read
-    evicts one of them before its turn; the rest run coldest first. So no
-    resident expert is read twice, the first chunk computes without
-    waiting for a read, and the hottest are the ones resident when the
-    pass ends and decoding begins. ``pipelined``: two consecutive chunks
-    (and the kept experts) fit at once, so the next chunk is read while
-    this one computes."""
-    rank = getattr(store, "pass_order", None)
-    if rank is None:
-        step = cap // 2 if pipelined and cap >= 2 else cap
-        return [experts[i : i + step] for i in range(0, len(experts), step)], None, experts[:0]
-    ranked = rank(layer, experts)  # coldest first
-    resident = store.resident_mask(layer, ranked)
-    keep = ranked[resident][::-1][: cap // 2]
-    here = ranked[resident & ~np.isin(ranked, keep)]
-    room = cap - len(keep)
-    step = room // 2 if pipelined and room >= 2 else room
-    chunks = [
-        np.sort(part[i : i + step])
-        for part in (here, ranked[~resident])
-        for i in range(0, len(part), step)
-    ]
-    if len(keep):
-        chunks.append(np.sort(keep))
-    return chunks, keep, here
 
 
 def _slot_ids(store, experts: np.ndarray, slots: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -291,51 +258,41 @@ class OnDemandSwitchGLU(nn.Module):
             store.prefetch(target, experts)
 
     def _expert_major(self, store, x, ids, experts):
-        """Run routes in chunks of at most ``capacity`` distinct experts
-        (see ``_pass_chunks`` for their order); where the store reads in
-        the background, the next chunk's reads land in other slots while
-        this chunk computes."""
+        """Run routes expert-major, each expert's routes in one call (see
+        expert_pass.py for the order and, where the store reads in the
+        background, how reads and compute overlap)."""
         k = ids.shape[-1]
         flat = ids.reshape(-1)
         order = np.argsort(flat, kind="stable")
         tokens = x.reshape(-1, x.shape[-1])
-        background = hasattr(store, "begin_fetch")
+        member = np.zeros(store.layout.num_experts, dtype=bool)
+
+        def compute(pool, chunk, slots):
+            member[:] = False
+            member[chunk] = True
+            routes = order[member[flat[order]]]  # the chunk's routes, by expert
+            y = self._run_routes(
+                store, pool, _slot_ids(store, chunk, slots, flat[routes]), tokens, routes // k
+            )
+            mx.async_eval(y)
+            return routes, y
+
         cap = store.capacity(self.layer)
-        chunks, keep, here = _pass_chunks(store, self.layer, experts, cap, pipelined=background)
-        keep = np.zeros(0, dtype=experts.dtype) if keep is None else keep
-        outs, done = [], []
-        chunk_fetch = self._chunk_fetch(store, chunks[0], np.union1d(keep, here))
-        here_left = here  # resident experts not kept that are still to run
-        try:
-            for i, chunk in enumerate(chunks):
-                pool, slots = chunk_fetch()
-                member = np.zeros(store.layout.num_experts, dtype=bool)
-                member[chunk] = True
-                routes = order[member[flat[order]]]  # this chunk's routes, by expert
-                y = self._run_routes(
-                    store, pool, _slot_ids(store, chunk, slots, flat[routes]), tokens, routes // k
+        keep, here, todo = expert_pass.plan(store, self.layer, experts, cap)
+        if hasattr(store, "begin_fetch"):
+            outs, done = expert_pass.stream(store, self.layer, keep, here, todo, cap, compute)
+        else:
+            outs, done = [], []
+            for chunk in expert_pass.chunks(keep, here, todo, cap):
+                pool, slots = (
+                    store.fetch(self.layer, chunk, keep=keep)
+                    if len(keep)
+                    else store.fetch(self.layer, chunk)
                 )
-                nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-                # Never evicted: the kept experts and the resident ones still to run.
-                here_left = np.setdiff1d(here_left, chunk)
-                stay = np.union1d(keep, here_left)
-                held = np.union1d(stay, chunk)
-                ahead = nxt is not None and len(np.union1d(held, nxt)) <= cap
-                if ahead:  # this chunk's experts stay put while the next one's are read
-                    mx.async_eval(y)
-                    chunk_fetch = self._chunk_fetch(store, nxt, held)
+                routes, y = compute(pool, chunk, slots)
                 mx.eval(y)  # later chunks may overwrite these slots
-                if nxt is not None and not ahead:
-                    chunk_fetch = self._chunk_fetch(store, nxt, stay)
                 outs.append(y)
                 done.append(routes)
-        except BaseException:
-            if background:  # reads in flight land before a later pass counts on their slots
-                try:
-                    chunk_fetch()
-                except BaseException:
-                    pass
-            raise
         back = np.argsort(np.concatenate(done), kind="stable")
         y = mx.concatenate(outs, axis=0)[mx.array(back)]
         return y.reshape(*ids.shape, -1)
@@ -345,22 +302,3 @@ class OnDemandSwitchGLU(nn.Module):
         ``tokens`` at ``rows``, one route per call row."""
         xs = tokens[mx.array(rows)]
         return self._run(store, pool, xs, mx.array(slot_ids)[:, None]).squeeze(-2)
-
-    def _chunk_fetch(self, store, chunk, keep):
-        """Starts bringing ``chunk`` in (never evicting ``keep``); returns a
-        function that waits for it and gives (pool, slots)."""
-        keep = () if keep is None else keep
-        begin = getattr(store, "begin_fetch", None)
-        if begin is None:
-            return lambda: (
-                store.fetch(self.layer, chunk, keep=keep)
-                if len(keep)
-                else store.fetch(self.layer, chunk)
-            )
-        f = begin(self.layer, chunk, keep=keep)
-
-        def wait():
-            f.wait_all()
-            return f.pool, f.slots
-
-        return wait
