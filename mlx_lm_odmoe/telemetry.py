@@ -69,6 +69,7 @@ class Telemetry:
             self.evictions = 0
             self.prefetched_bytes = 0
             self.prefetch_hits = 0
+            self.prefetch_late = 0  # of those, still being read when needed (also misses)
             self.wasted_bytes = 0
             self.read_wait_s = 0.0  # host time blocked on expert reads
             self.predictor_s = 0.0  # host time in the predictor's calls
@@ -171,9 +172,10 @@ class Telemetry:
             self.prefetched_bytes -= nbytes
             self.bytes_read -= nbytes
 
-    def record_prefetch_hits(self, n: int):
+    def record_prefetch_hits(self, n: int, late: int = 0):
         with self._lock:
             self.prefetch_hits += n
+            self.prefetch_late += late
 
     def record_wasted(self, nbytes: int):
         with self._lock:
@@ -258,6 +260,7 @@ class Telemetry:
                 "evictions": int(self.evictions),
                 "prefetched_bytes": int(self.prefetched_bytes),
                 "prefetch_hits": int(self.prefetch_hits),
+                "prefetch_late": int(self.prefetch_late),
                 "wasted_bytes": int(self.wasted_bytes),
                 "read_wait_s": float(self.read_wait_s),
                 "predictor_s": float(self.predictor_s),
@@ -335,6 +338,8 @@ class ExpertStats:
     predictor_s: float = 0.0
     # Bytes read at load from the last runs' hottest experts (warm start)
     preloaded_bytes: int = 0
+    # Prefetch hits whose reads were still landing when needed (also misses)
+    prefetch_late: int = 0
 
     def __getitem__(self, key):
         # Scripts written against the dict this used to be keep working.

@@ -208,3 +208,34 @@ def test_stats_count_the_predictors_host_time_only_when_it_runs():
         )
         mlx_lm.generate(model, tok, prompt, max_tokens=8)
         assert (mlx_lm_odmoe.stats(model).predictor_s > 0) is ran
+
+
+def test_a_staged_guess_still_landing_when_needed_is_a_late_hit_and_a_miss(models):
+    """A guess in a staging slot that its layer asks for before the read
+    lands counts as a prefetch hit that was late (its wait is a miss's);
+    one that has landed is a hit alone."""
+    import threading
+
+    class GatedReader(ShardedFolderReader):
+        gate = threading.Event()
+
+        def read_into(self, layer, expert, views):
+            self.gate.wait()
+            super().read_into(layer, expert, views)
+
+    folder = models("qwen2_moe", "odmoe")
+    reader = GatedReader(folder)
+    store = CachedStore(reader, slots_per_layer=4, staging=2)
+    store.inline_read_s = -1.0
+    layer = store.layout.moe_layers[0]
+    store.prefetch(layer, np.array([5]))
+    f = store.begin_fetch(layer, np.array([5]))
+    reader.gate.set()
+    f.wait_all()
+    s = store.telemetry.snapshot()
+    assert (s["prefetch_hits"], s["prefetch_late"], s["misses"]) == (1, 1, 1)
+    store.prefetch(layer, np.array([6]))
+    store._layers[layer].staged[6][1].result()
+    store.fetch(layer, np.array([6]))
+    s = store.telemetry.snapshot()
+    assert (s["prefetch_hits"], s["prefetch_late"], s["misses"]) == (2, 1, 1)

@@ -227,7 +227,7 @@ class CachedStore(ExpertStore):
         if landing:
             self._queue.promote([p for fut in landing for p in fut.pieces])
         if ready + late + guessed_hits:
-            self.telemetry.record_prefetch_hits(ready + late + guessed_hits)
+            self.telemetry.record_prefetch_hits(ready + late + guessed_hits, late)
         nbytes = len(fresh) * self.layout.record_nbytes
         stats = [len(experts) - len(fresh) - late, len(fresh) + late, nbytes, []]
         slots = st.expert_slot[experts]

@@ -189,6 +189,7 @@ def _odmoe_stats(model) -> Optional[dict]:
         "prefetch",
         "prefetched_bytes",
         "prefetch_hits",
+        "prefetch_late",
         "wasted_bytes",
         "predictor_recall",
     )
