@@ -9,9 +9,10 @@ its expert, and the gather kernels compute each (token, expert) row from that
 row's weights alone, so the output is bit-identical to stock mlx-lm.
 
 When more distinct experts are routed in one pass than the store can hold
-(long prompts at small budgets), routes are sorted by expert and run in
-expert-major chunks that each fit, so every expert is read once per layer
-per forward pass.
+(long prompts at small budgets), routes are sorted by expert and run
+expert-major, so every expert is read at most once per layer per forward
+pass, reads streaming into free slots while landed experts compute
+(expert_pass.py).
 """
 
 import time
