@@ -97,3 +97,17 @@ $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf -
 $PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
     --budgets 25%,12.5% --compare-prefetch 25% --rounds 2 --tokens 48 --warm-start-budget '' \
     --out $RES/io-bound/qwen-wide-openblas
+# Prompts stream into free slots; the bound counts used guesses. OpenBLAS against llama.cpp,
+# then both testbeds with the wheel's BLAS, then decode variants in the OpenBLAS regime.
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
+    --budgets 25%,12.5% --compare-prefetch 25%,12.5% --rounds 2 --tokens 48 --long-prompt 2048 \
+    --warm-start-budget '' --out $RES/io-bound/qwen-wide-openblas-streamed
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --budgets 50%,25%,12.5% \
+    --compare-prefetch 25%,12.5% --rounds 3 --tokens 48 --out $RES/io-bound/qwen-wide-streamed
+$PY benchmarks/io_bound.py --model $DATA/kimi-wide --budgets 50%,25%,12.5% --compare-prefetch 25%,12.5% \
+    --rounds 3 --tokens 48 --out $RES/io-bound/kimi-wide-streamed
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --blas libopenblas.so.0 --budgets 25%,12.5% \
+    --compare-prefetch 25%,12.5% --variant '25%:{"prefetch_distance": 2}' \
+    --variant '12.5%:{"prefetch_distance": 2}' \
+    --variant '25%:{"prefetch_into": "staging", "prefetch_staging": 2}' --rounds 2 --tokens 48 \
+    --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/qwen-wide-openblas-variants
