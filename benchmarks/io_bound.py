@@ -73,6 +73,9 @@ NOTES = (
     "Peak RSS: the contender process's own high-water mark (VmHWM); '- bare process' takes "
     "off what a process holding no weights at all peaks at (see above), which a stock "
     "mlx-lm process carries too. "
+    "Guesses used: the share of the guessed records that a token then used; needed reads a "
+    "guess started: the share of the needed reads (demand misses + used guesses) that a guess "
+    "had started, landed in time or still landing. "
     "Read wait: host time the forward pass spent blocked on expert reads. Predictor: CPU "
     "time of the forward pass's thread in the predictor's calls. Disk MB/token: "
     "bytes the process had read from storage (/proc/PID/io) during the decode, prefetch "
@@ -309,6 +312,11 @@ def derive(rows, bw, record):
             r["bound_missed_s"] = max(base["step_s"], r["miss_bytes_per_token"] / (bw * GB))
             if s.get("misses"):
                 r["wasted_vs_missed"] = s["wasted_bytes"] / (s["misses"] * record)
+            guessed = s.get("prefetched_bytes", 0) / record
+            used = s.get("prefetch_hits", 0)  # landed in time or still landing
+            if guessed:
+                r["guesses_used"] = used / guessed  # precision
+                r["needed_read_early"] = used / max(s["misses"] + early, 1)  # coverage
         if r.get("routes") and r["kind"] == "odmoe":
             s = r["stats"]
             r["belady_hit_rate"], r["sim_lfu_hit_rate"] = belady_vs_policy(
@@ -351,9 +359,10 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
         "| contender | cgroup limit | tok/s | vs resident | step ms | bound ms | step / bound "
         "| bound on demand misses alone ms "
         "| hit rate | Belady | LFU (sim) | missed MB/token | disk MB/token | read wait ms/token "
-        "| prefetch | wasted / missed | predictor ms/token | TTFT s | peak cgroup | peak RSS "
+        "| prefetch | wasted / missed | guesses used | needed reads a guess started "
+        "| predictor ms/token | TTFT s | peak cgroup | peak RSS "
         "| RSS / (resident + budget) | (RSS - bare process) / (resident + budget) | tokens match |",
-        "|---" * 23 + "|",
+        "|---" * 25 + "|",
     ]
     margin, bare = meta.get("margin_gb"), meta.get("bare_rss_bytes")
     for r in rows:
@@ -385,6 +394,8 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
                     _fmt(r.get("read_wait_ms_per_token"), "{:.0f}"),
                     str(s.get("prefetch", "")),
                     _fmt(r.get("wasted_vs_missed"), "{:.2f}"),
+                    _fmt(r.get("guesses_used"), "{:.0%}"),
+                    _fmt(r.get("needed_read_early"), "{:.0%}"),
                     _fmt(r.get("predictor_ms_per_token"), "{:.2f}"),
                     _fmt(r.get("ttft_s")),
                     bench._gb(r.get("cgroup_peak_bytes")),
