@@ -121,7 +121,7 @@ class _Stream:
     def finish_quietly(self):
         """After a failure: let every read in flight land before the error
         leaves (a later pass counts their slots as holding whole experts)."""
-        for _, f in self.landing:
+        for _, f in self.landing + self.landed:
             for i in list(f.pending):
                 f.wait_quietly(i)
 

@@ -194,13 +194,20 @@ def test_a_pass_bigger_than_the_cache_reads_into_every_free_slot_while_it_comput
     assert sum(1 for _, flying, _ in calls if flying) >= 2  # reads overlap compute
 
 
-def test_a_pass_that_fails_midway_leaves_no_read_in_flight(monkeypatch):
+@pytest.mark.parametrize("copied", [False, True], ids=["reads-in-place", "reads-copied-in"])
+def test_a_pass_that_fails_midway_leaves_no_read_in_flight(monkeypatch, copied):
     """When a chunk's compute fails while the next chunk is being read,
     those reads land before the error leaves the block (a later pass
-    counts their slots as holding whole experts), and the next pass
+    counts their slots as holding whole experts: where the pool's memory
+    is not writable, their bytes are copied in), and the next pass
     matches stock."""
     import sys
     import time
+
+    import mlx_lm_odmoe.store.cached as cached
+
+    if copied:
+        monkeypatch.setattr(cached, "writable_rows", lambda pool, layout: None)
 
     class SlowReader(StackedArraysReader):
         def read(self, layer, expert):

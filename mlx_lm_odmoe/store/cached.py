@@ -92,12 +92,18 @@ class Fetch:
         return done[0]
 
     def wait_quietly(self, i: int):
+        """Wait for position ``i``'s read without raising: bytes that landed
+        are in their slot (copied in where the pool is not writable), a
+        failed read's slot holds nothing."""
         fut = self.pending.pop(i, None)
-        if fut is not None:
-            try:
-                fut.result()
-            except BaseException:
-                self.store._forget(self.layer, self._st, int(self.experts[i]))
+        if fut is None:
+            return
+        try:
+            _, buf = fut.result()
+            if buf is not None:
+                self.store._install_copy(self._st, int(self.slots[i]), buf)
+        except BaseException:
+            self.store._forget(self.layer, self._st, int(self.experts[i]))
 
     def wait_all(self) -> None:
         for i in list(self.pending):
