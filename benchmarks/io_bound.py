@@ -53,6 +53,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import zip_longest
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,6 +273,7 @@ def run_rounds(specs, common, args):
         ok = sorted((r for r in out if r["status"] == "ok"), key=lambda r: r["decode_tok_s"])
         row = ok[(len(ok) - 1) // 2] if ok else out[-1]
         row["rounds_tok_s"] = [r.get("decode_tok_s") for r in out]
+        row["rounds_ttft_s"] = [r.get("ttft_s") for r in out]
         rows.append(row)
     return rows
 
@@ -415,6 +417,12 @@ def markdown(meta, bw, rows, long_rows, warm_rows=()):
             )
             + " |"
         )
+    if any(len(r.get("rounds_tok_s") or ()) > 1 for r in rows):
+        lines += ["", "Every round (decode tok/s; TTFT s):", ""]
+        for r in rows:
+            per = zip_longest(r.get("rounds_tok_s") or (), r.get("rounds_ttft_s") or ())
+            cells = ", ".join(f"{_fmt(t)}" + (f"; {_fmt(f)}" if f else "") for t, f in per)
+            lines.append(f"- {r['name']}: {cells}")
     if long_rows:
         lines += [
             "",
