@@ -111,3 +111,6 @@ $PY benchmarks/io_bound.py --model $DATA/qwen-wide --blas libopenblas.so.0 --bud
     --variant '12.5%:{"prefetch_distance": 2}' \
     --variant '25%:{"prefetch_into": "staging", "prefetch_staging": 2}' --rounds 2 --tokens 48 \
     --long-prompt 0 --warm-start-budget '' --out $RES/io-bound/qwen-wide-openblas-variants
+$PY benchmarks/io_bound.py --model $DATA/qwen-wide --gguf $DATA/qwen-wide.gguf --blas libopenblas.so.0 \
+    --budgets 25% --compare-prefetch '' --rounds 3 --tokens 48 --long-prompt 0 --warm-start-budget '' \
+    --out $RES/io-bound/qwen-wide-openblas-race
