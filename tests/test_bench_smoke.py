@@ -294,3 +294,27 @@ def test_the_bare_process_contender_holds_a_tokenizer_and_no_weights():
     row = bench.run_contender(spec, SimpleNamespace(cold=False, timeout=120), None)
     assert row["status"] == "ok" and row["stats"] is None and row["tokens"] == []
     assert 0 < row["peak_rss_bytes"] < 1 << 30
+
+
+def test_the_lookahead_ceiling_scores_every_estimate_and_the_full_one_is_no_worse():
+    """Layer L's whole output is what layer L+1's router almost sees: on a
+    trained model, the router on it recalls L+1's picks at least as well as
+    the lookahead on L's MoE input (the shared expert's estimate in between)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lookahead_ceiling", Path(__file__).parents[1] / "benchmarks" / "lookahead_ceiling.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import mlx.core as mx
+
+    import mlx_lm_odmoe
+
+    models = Path(__file__).parents[1] / "models"
+    model, tok = mlx_lm_odmoe.load(str(models / "tiny-kimi"), expert_cache="100%")
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    r = mod.ceiling(model, mx.array([tok.encode(text)[:256]]))
+    assert set(r) == {"lookahead", "+ shared expert", "+ whole MoE output"}
+    assert all(0.0 <= v <= 1.0 for v in r.values())
+    assert r["+ whole MoE output"] >= r["lookahead"]

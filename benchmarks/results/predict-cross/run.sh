@@ -33,3 +33,9 @@ for m in ${MODELS:-tiny-qwen2-moe tiny-kimi}; do
   $PY -m mlx_lm_odmoe.research.train_shadow "models/$m" --force --epochs 20 \
     --generated-weight 3 --traces $(for k in $KINDS; do printf '%s ' "$A/traces/$m-$k.npz"; done)
 done
+# The ceiling at distance 1: the next router on the current layer's whole output.
+zcat /usr/share/man/man1/ls.1.gz > $A/ls.1
+for m in tiny-kimi tiny-qwen2-moe; do
+    $PY benchmarks/lookahead_ceiling.py --model models/$m /usr/share/common-licenses/GPL-3 \
+        mlx_lm_odmoe/store/cached.py $A/ls.1
+done

@@ -1,0 +1,104 @@
+"""How much could a predictor that fires at layer L know about layer L+1's routes?
+
+    python benchmarks/lookahead_ceiling.py --model models/tiny-kimi TEXT [TEXT ...]
+
+The block prefetches one MoE layer ahead: guesses for layer L+1 are made
+when layer L's router runs. The free baseline (router lookahead) applies
+L+1's router to L's MoE input. This script scores, on each text, the recall
+of L+1's true top-k at width k for L+1's router applied to:
+
+- ``lookahead``: layer L's MoE input (what the baseline sees);
+- ``+ shared expert``: L's residual stream plus its shared expert's output
+  (known early: it computes while the routed experts are fetched);
+- ``+ whole MoE output``: L+1's own input, i.e. everything layer L computes
+  (only L+1's attention is missing). No predictor firing at layer L can know
+  more than this without computing layer L+1's attention.
+
+The gap between the first and the last is a ceiling on what any predictor
+of this kind gains at distance 1 from a better estimate of the hidden state.
+"""
+
+import argparse
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+import mlx_lm_odmoe
+from mlx_lm_odmoe.predict.routers import router_scores
+
+
+class _Recorder(nn.Module):
+    """Calls ``inner`` and keeps its input and output."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = None
+
+    def __call__(self, x, *args):
+        y = self.inner(x, *args)
+        self.seen = (x, y)
+        return y
+
+
+def _recall(scores: mx.array, truth: mx.array, k: int) -> float:
+    top = np.argpartition(-np.array(scores), k - 1, axis=-1)[..., :k].reshape(-1, k)
+    true = np.array(truth).reshape(-1, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top, true)]))
+
+
+def ceiling(model, ids: mx.array) -> dict:
+    """Mean recall at distance 1 over the MoE layer pairs, per estimate."""
+    layers = model.model.layers
+    moe = [i for i, l in enumerate(layers) if "switch_mlp" in l.mlp]
+    saved = {}
+    for i in moe:
+        lay = layers[i]
+        saved[i] = (lay.input_layernorm, lay.mlp)
+        lay.input_layernorm, lay.mlp = _Recorder(lay.input_layernorm), _Recorder(lay.mlp)
+    try:
+        mx.eval(model(ids))
+        seen = {i: (layers[i].input_layernorm.seen, layers[i].mlp.seen) for i in moe}
+    finally:
+        for i, (norm, mlp) in saved.items():
+            layers[i].input_layernorm, layers[i].mlp = norm, mlp
+    k = model.expert_runtime.top_k
+    out = {"lookahead": [], "+ shared expert": [], "+ whole MoE output": []}
+    for a, b in zip(moe, moe[1:]):
+        (m_in, moe_out), x_next = seen[a][1], seen[b][0][0]
+        # The router's own pick: the top-k of its scores on L+1's MoE input.
+        want = router_scores(model, b, seen[b][1][0])
+        truth = mx.argpartition(-want, k - 1, axis=-1)[..., :k]
+        norm = layers[b].post_attention_layernorm
+        out["lookahead"].append(_recall(router_scores(model, b, m_in), truth, k))
+        if "shared_experts" in layers[a].mlp:
+            shared = x_next - moe_out + layers[a].mlp.shared_experts(m_in)
+            out["+ shared expert"].append(_recall(router_scores(model, b, norm(shared)), truth, k))
+        out["+ whole MoE output"].append(_recall(router_scores(model, b, norm(x_next)), truth, k))
+    return {name: float(np.mean(v)) for name, v in out.items() if v}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="odmoe model folder")
+    p.add_argument("texts", nargs="+", help="text files to score on")
+    p.add_argument("--tokens", type=int, default=1024, help="tokens per text. Default: 1024")
+    args = p.parse_args(argv)
+    model, tok = mlx_lm_odmoe.load(args.model, expert_cache="100%")
+    print("| text | " + " | ".join(["lookahead", "+ shared expert", "+ whole MoE output"]) + " |")
+    print("|---|---|---|---|")
+    for path in args.texts:
+        text = Path(path).read_text(errors="replace")
+        ids = mx.array([tok.encode(text)[: args.tokens]])
+        r = ceiling(model, ids)
+        cells = [f"{100 * r[n]:.1f}" if n in r else "" for n in ("lookahead", "+ shared expert")]
+        cells.append(f"{100 * r['+ whole MoE output']:.1f}")
+        print(f"| {Path(path).name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
