@@ -23,6 +23,7 @@ next layer's attention, not this layer's experts.
 """
 
 import argparse
+import copy
 from pathlib import Path
 
 import mlx.core as mx
@@ -45,6 +46,14 @@ class _Recorder(nn.Module):
         y = self.inner(x, *args)
         self.seen = (x, y)
         return y
+
+    def __getattr__(self, key):  # the router and the shared expert of a wrapped block
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "inner" not in self:  # still being built
+                raise
+            return getattr(self["inner"], key)
 
 
 def _recall(scores: mx.array, truth: mx.array, k: int) -> float:
@@ -103,6 +112,102 @@ def ceiling(model, ids: mx.array) -> dict:
     return {name: float(np.mean(v)) for name, v in out.items() if v}
 
 
+class _SpeculativeAttention(nn.Module):
+    """Layer b's attention, which first runs once more on ``pending``, an
+    estimate of b's input, against a copy of the cache (the real call then
+    writes the true keys and values where the copy wrote), then routes it."""
+
+    def __init__(self, model, b, attn, norm_in, norm_post, pending):
+        super().__init__()
+        self.attn = attn
+        self._ctx = (model, b, norm_in, norm_post, pending)
+        self.scores = None
+
+    def __call__(self, x, mask=None, cache=None):
+        model, b, norm_in, norm_post, pending = self._ctx
+        guess = pending.pop(b, None)
+        if guess is not None:
+            spec = self.attn(norm_in(guess), mask, copy.copy(cache))
+            self.scores = router_scores(model, b, norm_post(guess + spec))
+        return self.attn(x, mask, cache)
+
+
+class _Estimate(nn.Module):
+    """Layer a's MoE block, which also leaves, for the next MoE layer b, an
+    estimate of b's input (a's residual stream plus its shared expert) and
+    the lookahead's scores, while decoding."""
+
+    def __init__(self, model, mlp, residual, b, pending, looks, decoding):
+        super().__init__()
+        self.inner = mlp
+        self._ctx = (model, residual, b, pending, looks, decoding)
+
+    def __call__(self, m_in):
+        y = self.inner(m_in)
+        model, residual, b, pending, looks, decoding = self._ctx
+        if decoding[0]:
+            h = residual.seen[0]
+            mlp = self.inner
+            guess = h + mlp.shared_experts(m_in) if "shared_experts" in mlp else h
+            pending[b] = guess
+            looks[b] = router_scores(model, b, m_in)
+        return y
+
+    def __getattr__(self, key):
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if "inner" not in self:
+                raise
+            return getattr(self["inner"], key)
+
+
+def decode_recall(model, ids: mx.array, tokens: int) -> dict:
+    """Recall at distance 1 while decoding ``tokens`` greedily after the
+    prompt ``ids``: the lookahead, and layer L+1's attention run for the new
+    token (earlier tokens' keys and values exact) on L's residual stream
+    plus its shared expert."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    layers = model.model.layers
+    moe = [i for i, l in enumerate(layers) if "switch_mlp" in l.mlp]
+    k = model.expert_runtime.top_k
+    pending, looks, decoding = {}, {}, [False]
+    original = {
+        i: (layers[i].post_attention_layernorm, layers[i].mlp, layers[i].self_attn) for i in moe
+    }
+    for j, i in enumerate(moe):
+        lay = layers[i]
+        lay.post_attention_layernorm = residual = _Recorder(lay.post_attention_layernorm)
+        if j + 1 < len(moe):
+            lay.mlp = _Estimate(model, lay.mlp, residual, moe[j + 1], pending, looks, decoding)
+        lay.mlp = _Recorder(lay.mlp)
+        if j:
+            lay.self_attn = _SpeculativeAttention(
+                model, i, lay.self_attn, lay.input_layernorm, residual.inner, pending
+            )
+    hits = {"lookahead": [], "L+1's attention on the estimate": []}
+
+    def top(scores):
+        return set(np.argpartition(-np.array(scores[0, -1]), k - 1)[:k].tolist())
+
+    try:
+        cache = make_prompt_cache(model)
+        logits = model(ids, cache=cache)
+        decoding[0] = True
+        for _ in range(tokens):
+            logits = model(mx.argmax(logits[:, -1], axis=-1)[None], cache=cache)
+            for i in moe[1:]:
+                truth = top(router_scores(model, i, layers[i].mlp.seen[0]))
+                hits["lookahead"].append(len(top(looks[i]) & truth) / k)
+                scores = layers[i].self_attn.scores
+                hits["L+1's attention on the estimate"].append(len(top(scores) & truth) / k)
+    finally:
+        for i, (norm, mlp, attn) in original.items():
+            layers[i].post_attention_layernorm, layers[i].mlp, layers[i].self_attn = norm, mlp, attn
+    return {name: float(np.mean(v)) for name, v in hits.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +215,13 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="odmoe model folder")
     p.add_argument("texts", nargs="+", help="text files to score on")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per text. Default: 1024")
+    p.add_argument(
+        "--decode",
+        type=int,
+        default=0,
+        help="also decode this many tokens greedily after each text's first 200 and score "
+        "the lookahead and the next layer's attention on the real cache",
+    )
     args = p.parse_args(argv)
     model, tok = mlx_lm_odmoe.load(args.model, expert_cache="100%")
     names = [
@@ -126,6 +238,15 @@ def main(argv=None):
         r = ceiling(model, ids)
         cells = [f"{100 * r[n]:.1f}" if n in r else "" for n in names]
         print(f"| {Path(path).name} | " + " | ".join(cells) + " |", flush=True)
+    if args.decode:
+        print(f"\nDecoding {args.decode} tokens after each text's first 200:\n")
+        print("| text | lookahead | L+1's attention on the estimate |")
+        print("|---|---|---|")
+        for path in args.texts:
+            text = Path(path).read_text(errors="replace")
+            r = decode_recall(model, mx.array([tok.encode(text)[:200]]), args.decode)
+            cells = [f"{100 * r[n]:.1f}" for n in ("lookahead", "L+1's attention on the estimate")]
+            print(f"| {Path(path).name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

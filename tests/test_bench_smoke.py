@@ -319,3 +319,7 @@ def test_better_estimates_of_the_next_layers_input_recall_its_routes_better():
     assert set(r) == {"lookahead", "+ shared expert", "+ whole MoE output", attention}
     assert all(0.0 <= v <= 1.0 for v in r.values())
     assert r["lookahead"] < r["+ whole MoE output"] < r[attention]
+    before = [type(l.mlp) for l in model.model.layers]
+    d = mod.decode_recall(model, mx.array([tok.encode(text)[:64]]), 24)
+    assert d["lookahead"] < d[attention]  # on the real cache, while decoding
+    assert [type(l.mlp) for l in model.model.layers] == before  # the model is as it was
