@@ -65,7 +65,7 @@ from mlx_lm_odmoe.tools.cgroup import drop_all_page_caches, unavailable_reason
 GB = 1e9
 NOTES = (
     "Bound = max(all-resident step, needed bytes per token / disk bandwidth), needed = the "
-    "token's experts that were not in memory before the run needed them: demand misses plus "
+    "bytes of the token's experts that had to come off the disk: demand misses plus "
     "guesses the token then used (a miss read early still comes off the disk; guesses it did "
     "not use are not counted, so they count against the step). No overlap can beat it on "
     "this disk with this many misses. 'Bound on demand misses alone' leaves the used "

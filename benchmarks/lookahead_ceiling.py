@@ -34,26 +34,34 @@ import mlx_lm_odmoe
 from mlx_lm_odmoe.predict.routers import router_scores
 
 
-class _Recorder(nn.Module):
-    """Calls ``inner`` and keeps its input and output."""
+class _Wrapper(nn.Module):
+    """A module around ``inner`` that still answers for ``inner``'s parts
+    (the router and shared expert of a wrapped MoE block)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.seen = None
 
-    def __call__(self, x, *args):
-        y = self.inner(x, *args)
-        self.seen = (x, y)
-        return y
-
-    def __getattr__(self, key):  # the router and the shared expert of a wrapped block
+    def __getattr__(self, key):
         try:
             return super().__getattr__(key)
         except AttributeError:
             if "inner" not in self:  # still being built
                 raise
             return getattr(self["inner"], key)
+
+
+class _Recorder(_Wrapper):
+    """Calls ``inner`` and keeps its input and output."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.seen = None
+
+    def __call__(self, x, *args):
+        y = self.inner(x, *args)
+        self.seen = (x, y)
+        return y
 
 
 def _recall(scores: mx.array, truth: mx.array, k: int) -> float:
@@ -132,14 +140,13 @@ class _SpeculativeAttention(nn.Module):
         return self.attn(x, mask, cache)
 
 
-class _Estimate(nn.Module):
+class _Estimate(_Wrapper):
     """Layer a's MoE block, which also leaves, for the next MoE layer b, an
     estimate of b's input (a's residual stream plus its shared expert) and
     the lookahead's scores, while decoding."""
 
     def __init__(self, model, mlp, residual, b, pending, looks, decoding):
-        super().__init__()
-        self.inner = mlp
+        super().__init__(mlp)
         self._ctx = (model, residual, b, pending, looks, decoding)
 
     def __call__(self, m_in):
@@ -152,14 +159,6 @@ class _Estimate(nn.Module):
             pending[b] = guess
             looks[b] = router_scores(model, b, m_in)
         return y
-
-    def __getattr__(self, key):
-        try:
-            return super().__getattr__(key)
-        except AttributeError:
-            if "inner" not in self:
-                raise
-            return getattr(self["inner"], key)
 
 
 def decode_recall(model, ids: mx.array, tokens: int) -> dict:

@@ -112,7 +112,6 @@ class _Stream:
 
     def run(self, pool, experts, slots):
         routes, y = self.compute(pool, experts, slots)
-        self.start_reads()  # while it computes: slots freed before it
         mx.eval(y)  # its slots are free again only once it is computed
         self.held.difference_update(set(experts.tolist()) - self.kept)
         self.outs.append(y)
@@ -132,7 +131,7 @@ def stream(store, layer, keep, here, todo, cap, compute: Compute):
     s = _Stream(store, layer, keep, here, todo, cap, compute)
     try:
         while s.todo or s.landing or s.landed or s.here or s.keep:
-            s.start_reads()  # into every free slot
+            s.start_reads()  # into every free slot; they land while the batch computes
             s.run(*s.next_batch())
     except BaseException:
         s.finish_quietly()
