@@ -17,6 +17,8 @@ from .budget import BudgetPlan, plan_budget, resolve_budget
 from .settings import ENV_PREFIX, Settings
 from .telemetry import ExpertStats, LayerStats
 
+_MISSING = object()
+
 
 def find_model_dir(settings: Settings) -> Optional[Path]:
     if not settings.resolve:
@@ -53,6 +55,26 @@ class ExpertRuntime:
         self.prefetch_state = "off"  # why prediction is or is not running
         self.part = None  # (rank, size) under tensor parallelism
         self.active_layers = None  # callable: this rank's MoE layers (pipeline)
+        self.layers_path = None  # where the decoder layers are ("model.layers")
+        self.residual = None  # (MoE layer, residual stream) of a one-token pass
+        self._pass_caches = _MISSING  # {id(decoder layer): its cache} of the running pass
+
+    def begin_pass(self, cache, layers):
+        """A forward pass starts with ``cache`` (mlx-lm's per-layer list for
+        ``layers``, or None)."""
+        self.residual = None
+        self._pass_caches = (
+            None if cache is None else {id(layer): c for layer, c in zip(layers, cache)}
+        )
+
+    def pass_cache(self, layer) -> tuple:
+        """(known, cache) of decoder ``layer`` in the running pass."""
+        if self._pass_caches is _MISSING:
+            return False, None
+        if self._pass_caches is None:
+            return True, None
+        c = self._pass_caches.get(id(layer), _MISSING)
+        return (c is not _MISSING), (None if c is _MISSING else c)
 
     def shard(self, rank: int, size: int):
         """Hold and read only this rank's slice of every expert."""
@@ -192,7 +214,6 @@ class ExpertRuntime:
         if choice == "off" or model is None:
             self.prefetch_state = "off"
             return None
-        from .predict import load_predictor
         from .store.readers import probe_read_seconds
 
         if choice == "auto":
@@ -203,14 +224,31 @@ class ExpertRuntime:
             if t < floor:
                 self.prefetch_state = f"off (reads take {t * 1e3:.2f} ms < {floor * 1e3:g} ms)"
                 return None
-        predictor = load_predictor(model, self.model_dir)
-        if predictor is None:  # no trained shadow model: the routers themselves
-            from .predict.baselines import RouterLookahead
-
-            layers = self._layers(reader.layout)
-            predictor = RouterLookahead(model, layers, self.prefetch_distance)
+        predictor = self._make_predictor(model, reader.layout)
         self.prefetch_state = "on"
         return predictor
+
+    def _make_predictor(self, model, layout):
+        from .predict import load_predictor
+        from .predict.baselines import RouterLookahead
+        from .predict.next_attention import NextAttention, plain_decoder_layer
+        from .switches import module_at
+
+        kind = self.settings.predict_with
+        layers = self._layers(layout)
+        if kind == "auto":
+            decoder = module_at(model, self.layers_path) if self.layers_path else None
+            plain = decoder is not None and all(plain_decoder_layer(decoder[i]) for i in layers)
+            kind = "next-attention" if plain and self.prefetch_distance == 1 else "shadow"
+        if kind == "next-attention" and self.part is None:
+            return NextAttention(model, layers, self, self.layers_path, self.prefetch_distance)
+        predictor = load_predictor(model, self.model_dir) if kind == "shadow" else None
+        if predictor is None and self.settings.predict_with == "shadow":
+            raise ValueError(
+                f"{self.model_dir}: predict_with is 'shadow' but the folder has no shadow "
+                "model; train one (mlx_lm_odmoe.train_shadow) or use predict_with 'auto'"
+            )
+        return predictor or RouterLookahead(model, layers, self.prefetch_distance)
 
     def _layers(self, layout):
         active = self.active_layers() if self.active_layers else None

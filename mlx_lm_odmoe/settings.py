@@ -25,6 +25,7 @@ CHOICES = {
     "source": ("sharded", "mlx"),
     "policy": ("lfu-decay", "lru"),
     "predictor": ("auto", "on", "off"),
+    "predict_with": ("auto", "next-attention", "shadow", "lookahead"),
     "hub_download": ("lazy", "all"),
     "direct_io": ("auto", "on", "off"),
     "prefetch_into": ("cache", "staging"),
@@ -51,6 +52,12 @@ class Settings:
     quantization: Optional[dict] = None  # source "mlx": the checkpoint's quantization
     policy: str = field(default="lfu-decay", metadata=_env("policy"))
     predictor: str = field(default="auto", metadata=_env("predictor"))
+    # What guesses: "next-attention" runs the next layer's attention ahead
+    # (predict/next_attention.py), "shadow" the folder's trained shadow
+    # model, "lookahead" the later routers on this layer's input. "auto":
+    # next-attention one layer ahead (where the decoder layers allow it),
+    # else the shadow model if the folder has one, else the lookahead.
+    predict_with: str = field(default="auto", metadata=_env("predict_with"))
     # Prefetch chosen on the trained models: one layer ahead, guesses with
     # p >= 0.125 (benchmarks/results/predict; in the I/O-bound benchmark
     # 0.0625 hid no more and read 0.3-0.4 bytes of unused guesses per

@@ -117,6 +117,7 @@ def install_on_demand_blocks(model, args) -> ExpertRuntime:
         return {i for i in switches if i < len(layers) and layers[i] is not None}
 
     runtime.active_layers = active_layers
+    runtime.layers_path = where
     runtime.model_ref = weakref.ref(model)
     return runtime
 

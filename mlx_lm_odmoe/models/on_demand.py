@@ -14,7 +14,9 @@ use the same pieces; every other type is built here when first imported
 """
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import types
 from typing import Optional
 
@@ -42,6 +44,22 @@ def odmoe_args(stock_args: type, module: str) -> type:
     )
 
 
+_NOT_GIVEN = object()
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_position(cls) -> int:
+    """Where the stock ``Model.__call__`` of ``cls`` takes ``cache``
+    positionally (after the inputs: 1 for most models), or -1."""
+    params = list(inspect.signature(super(OnDemandModel, cls).__call__).parameters)
+    return params.index("cache") - 1 if "cache" in params else -1
+
+
+def _positional_cache(cls, args):
+    i = _cache_position(cls)
+    return args[i] if 0 <= i < len(args) else None
+
+
 class OnDemandModel:
     """Mixin put before a stock mlx-lm ``Model``: on-demand routed experts."""
 
@@ -50,6 +68,15 @@ class OnDemandModel:
         self.expert_runtime = install_on_demand_blocks(self, args)
 
     stock_base = None  # mlx-lm's model type, set by build_module
+
+    def __call__(self, *args, **kwargs):
+        # The per-layer caches of this pass, for guesses that read a later
+        # layer's cache before that layer runs (predict/next_attention.py).
+        cache = kwargs.get("cache", _NOT_GIVEN)
+        if cache is _NOT_GIVEN:
+            cache = _positional_cache(type(self), args)
+        self.expert_runtime.begin_pass(cache, self.layers)
+        return super().__call__(*args, **kwargs)
 
     def stock_sanitize(self, weights: dict) -> dict:
         """mlx-lm's sanitize: checkpoint names and layouts to the model's,
