@@ -72,6 +72,8 @@ class OnDemandModel:
     def __call__(self, *args, **kwargs):
         # The per-layer caches of this pass, for guesses that read a later
         # layer's cache before that layer runs (predict/next_attention.py).
+        if not getattr(self.expert_runtime.predictor, "reads_pass_caches", False):
+            return super().__call__(*args, **kwargs)
         cache = kwargs.get("cache", _NOT_GIVEN)
         if cache is _NOT_GIVEN:
             cache = _positional_cache(type(self), args)

@@ -88,6 +88,7 @@ class NextAttention(RouterLookahead):
     stream; farther layers by the lookahead."""
 
     name = "next-attention"
+    reads_pass_caches = True  # the model records each pass's caches for it
 
     def __init__(self, model, moe_layers, runtime, layers_path: str, distance: int = 1):
         super().__init__(model, moe_layers, distance)
@@ -111,7 +112,7 @@ class NextAttention(RouterLookahead):
         """[N, D] layer ``nxt``'s MoE input for the newest token if layer
         ``layer``'s routed experts added nothing, or None where it cannot
         be known."""
-        residual = getattr(self.runtime, "residual", None)
+        residual = self.runtime.residual
         if nxt not in self.ahead or residual is None or residual[0] != layer:
             return None
         found, cache = self.runtime.pass_cache(self.layers[nxt])
