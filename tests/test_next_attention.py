@@ -3,6 +3,7 @@ residual stream, reading L+1's KV cache without writing it; the logits stay
 bit-identical to stock mlx-lm and, on the shipped trained models, the guesses
 beat the router lookahead."""
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -86,3 +87,28 @@ def test_auto_guesses_from_the_next_attention_one_layer_ahead_and_else_the_shado
 def test_asking_for_a_shadow_model_the_folder_lacks_is_a_clear_error(models):
     with pytest.raises(ValueError, match="no shadow model.*train_shadow"):
         _load(models("qwen2_moe", "odmoe"), "shadow")
+
+
+def test_live_recall_scores_every_predictor_on_the_same_tokens(tmp_path):
+    from mlx_lm_odmoe.research import live_recall
+
+    text = tmp_path / "text.npy"
+    np.save(text, np.array(prompt_tokens(200, seed=4), dtype=np.uint16))
+    out = tmp_path / "live.json"
+    argv = [str(MODELS / "tiny-kimi"), "--kind", f"legal={text}", "--sequences", "1"]
+    assert live_recall.main([*argv, "--steps", "12", "--prompt-len", "16", "--json", str(out)]) == 0
+    rows = {(r["split"], r["predictor"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("text", "off")]["recall"] is None
+    for split in live_recall.SPLITS:
+        dry = rows[(split, "next-attention" + live_recall.DRY)]
+        assert dry["recall"] == rows[(split, "next-attention")]["recall"]
+        assert dry["hit_rate"] == rows[(split, "off")]["hit_rate"]  # its guesses read nothing
+
+
+def test_live_recall_names_a_text_too_short_for_the_window(tmp_path, capsys):
+    from mlx_lm_odmoe.research import live_recall
+
+    text = tmp_path / "short.npy"
+    np.save(text, np.arange(10, dtype=np.uint16))
+    assert live_recall.main([str(MODELS / "tiny-kimi"), "--kind", f"code={text}"]) == 2
+    assert "short.npy has 10 tokens" in capsys.readouterr().err
