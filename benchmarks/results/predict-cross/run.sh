@@ -39,3 +39,8 @@ for m in tiny-kimi tiny-qwen2-moe; do
     $PY benchmarks/lookahead_ceiling.py --model models/$m /usr/share/common-licenses/GPL-3 \
         mlx_lm_odmoe/store/cached.py $A/ls.1
 done
+# Next-attention (no training: every kind held out), scored live in the block.
+for m in tiny-qwen2-moe tiny-kimi; do
+    $PY -m mlx_lm_odmoe.research.live_recall models/$m $(for k in $KINDS; do printf -- '--kind %s=%s ' $k "$A/kinds/$k.npy"; done) \
+        --sequences 4 --steps 128 --json "$OUT/live-$m.json" --markdown "$OUT/live-$m.md"
+done
