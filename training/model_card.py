@@ -138,6 +138,29 @@ def prediction_section(report: dict, shadow_config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def live_rows(live: dict) -> str:
+    """Next-attention against the lookahead one layer ahead, from a
+    mlx_lm_odmoe.research.live_recall report."""
+    by = {(r["kind"], r["split"], r["predictor"]): r["recall"] for r in live["rows"]}
+    lines = [
+        "",
+        "One layer ahead the block guesses with the next layer's own attention run ahead "
+        "(`predict_with: auto`; no training, so every kind is held out for it). Recall of the "
+        f"true top-k at width k (%), measured in the block while decoding at {live['budget']} of "
+        "the experts (`mlx_lm_odmoe.research.live_recall`):",
+        "",
+        "| text | split | router-lookahead d=1 | next-attention d=1 |",
+        "|---|---|---|---|",
+    ]
+    for kind, split, name in by:
+        if name == "lookahead":
+            na = by[(kind, split, "next-attention")]
+            lines.append(
+                f"| {kind} | {split} | {100 * by[(kind, split, name)]:.1f} | {100 * na:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def replace_section(card_text: str, section: str) -> str:
     """``card_text`` with its prediction section replaced (or added before
     the closing license line)."""
@@ -160,6 +183,7 @@ def main():
     p.add_argument("--trained")
     p.add_argument("--shipped-stats")
     p.add_argument("--prediction", help="cross-domain report (JSON): write only that section")
+    p.add_argument("--live", help="live_recall report (JSON): adds next-attention's recall")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if a.prediction:
@@ -167,9 +191,10 @@ def main():
         report = json.loads(Path(a.prediction).read_text())
         shadow = json.loads((out / "shadow.json").read_text())
         card_path = out / "README.md"
-        card_path.write_text(
-            replace_section(card_path.read_text(), prediction_section(report, shadow))
-        )
+        section = prediction_section(report, shadow)
+        if a.live:
+            section += live_rows(json.loads(Path(a.live).read_text()))
+        card_path.write_text(replace_section(card_path.read_text(), section))
         print(f"wrote the prediction section of {card_path}")
         return
     if not (a.trained and a.shipped_stats):
