@@ -32,13 +32,12 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 SPLITS = ("generated", "text")
-
-
 DRY = " (guesses only)"
 
 
@@ -50,7 +49,6 @@ def load_contender(model_dir, budget, name):
     import mlx_lm_odmoe
 
     predict_with = name.removesuffix(DRY)
-
     settings = (
         {"predictor": "off"}
         if predict_with == "off"
@@ -59,6 +57,7 @@ def load_contender(model_dir, budget, name):
             "predict_with": predict_with,
             "prefetch_distance": 1,
             "prefetch_min_prob": 0.0,
+            "prefetch_into": "cache",  # where prefetch_width caps what is read
         }
     )
     model, _ = mlx_lm_odmoe.load(model_dir, expert_cache=budget, model_config={"odmoe": settings})
@@ -69,7 +68,7 @@ def load_contender(model_dir, budget, name):
 
 def decode_window(model, prompt, follow, split, temperature, seed):
     """Prefill ``prompt``, then ``len(follow)`` one-token passes; returns
-    (recall hits, recall total, hits, misses, seconds per step, tokens)."""
+    the decode's counts, seconds per step and tokens."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -91,14 +90,9 @@ def decode_window(model, prompt, follow, split, temperature, seed):
         mx.eval(logits)
         steps.append(time.perf_counter() - t0)
     s = telemetry.snapshot()
-    return (
-        telemetry.recall_hits,
-        telemetry.recall_total,
-        int(s["hits"]),
-        int(s["misses"]),
-        steps,
-        tokens,
-    )
+    counts = {"rh": telemetry.recall_hits, "rt": telemetry.recall_total}
+    counts.update(h=s["hits"], m=s["misses"])
+    return counts, steps, tokens
 
 
 def windows_of(tokens: np.ndarray, n: int, length: int):
@@ -113,24 +107,19 @@ def measure(model_dir, kinds, predictors, budget, sequences, prompt_len, steps, 
     report = {"model": str(model_dir), "budget": budget, "steps": steps, "rows": []}
     for kind, tokens in kinds.items():
         for split in SPLITS:
-            acc = {c: {"rh": 0, "rt": 0, "h": 0, "m": 0, "step": []} for c in contenders}
+            acc = {c: Counter() for c in contenders}
+            step = {c: [] for c in contenders}
             for i, w in enumerate(windows_of(tokens, sequences, prompt_len + steps)):
                 seen = None
                 for c in contenders:
-                    rh, rt, h, m, st, toks = decode_window(
+                    counts, st, toks = decode_window(
                         models[c], w[:prompt_len], w[prompt_len:], split, temperature, i
                     )
                     if seen is not None and toks != seen:
                         raise RuntimeError(f"{c} decoded other tokens than prefetch off")
                     seen = toks
-                    a = acc[c]
-                    a["rh"], a["rt"], a["h"], a["m"] = (
-                        a["rh"] + rh,
-                        a["rt"] + rt,
-                        a["h"] + h,
-                        a["m"] + m,
-                    )
-                    a["step"] += st[2:]  # the first steps also warm the caches
+                    acc[c].update(counts)
+                    step[c] += st[2:]  # the first steps also warm the caches
             for c, a in acc.items():
                 report["rows"].append(
                     {
@@ -140,7 +129,7 @@ def measure(model_dir, kinds, predictors, budget, sequences, prompt_len, steps, 
                         "tokens": sequences * steps,
                         "recall": a["rh"] / a["rt"] if a["rt"] else None,
                         "hit_rate": a["h"] / max(a["h"] + a["m"], 1),
-                        "step_ms": 1e3 * statistics.median(a["step"]),
+                        "step_ms": 1e3 * statistics.median(step[c]),
                     }
                 )
             print(markdown(report, last=len(contenders)), flush=True)
